@@ -1,0 +1,182 @@
+"""The command line: ``python -m erase_core {sandbox,inspect,demo} ...``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("erase_flux")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (naming the argument) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be ≥ 1")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of step numbers, e.g. 0,4,8") from None
+
+
+def _block_list(text: str) -> list[str]:
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.isdigit():
+            part = f"double.{part}"
+        kind, _, idx = part.partition(".")
+        if kind not in ("double", "single") or not idx.isdigit():
+            raise argparse.ArgumentTypeError(f"{part!r} is not a block; use double.N or single.N (or N for double.N)")
+        out.append(part)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m erase_core", description="Concept erasure for Flux: engine commands.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sb = sub.add_parser("sandbox", help="the sandbox world: train it, check its quality, generate from it")
+    sbs = sb.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    t = sbs.add_parser("train", help="train the sandbox world from scratch (seeded; ~45-60 min on 2 cores)")
+    t.add_argument("--out", type=Path, required=True, help="folder for the weights (the shipped ones live in "
+                   "erase_core/sandbox/weights)")
+    t.add_argument("--seed", type=int, default=0, help="random seed of every stage")
+    t.add_argument("--flux-steps", type=_positive_int, default=None, help="denoiser training steps (default 4000)")
+    t.add_argument("--stages", default="tokenizer,autoencoder,classifier,flux",
+                   help="comma-separated stages to run (later stages reuse earlier files in --out)")
+    c = sbs.add_parser("check", help="the base-model quality bar: concept found in generated samples, per prompt")
+    c.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped sandbox)")
+    c.add_argument("--samples", type=_positive_int, default=64, help="samples per probe prompt")
+    c.add_argument("--concepts", default=None, help="comma-separated concepts (default: all 24)")
+    c.add_argument("--out", type=Path, default=None, help="write the table as FILE.md and FILE.json")
+    c.add_argument("--seed", type=int, default=1000, help="first sampling seed")
+    g = sbs.add_parser("generate", help="generate a grid of images from prompts")
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several rows)")
+    g.add_argument("--n", type=_positive_int, default=8, help="images per prompt")
+    g.add_argument("--seed", type=int, default=0, help="first sampling seed")
+    g.add_argument("--steps", type=_positive_int, default=12, help="Euler steps")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    g.add_argument("--out", type=Path, required=True, help="PNG file for the grid")
+    g.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped sandbox)")
+
+    i = sub.add_parser("inspect", help="attention maps of a word while the sandbox generates a prompt")
+    i.add_argument("--prompt", required=True, help="the prompt to generate")
+    i.add_argument("--word", required=True, help="word or phrase of the prompt whose token columns to capture")
+    i.add_argument("--blocks", type=_block_list, default=None,
+                   help="blocks to read, e.g. double.0,double.2,single.1 (default: every dual-stream block)")
+    i.add_argument("--steps", type=_int_list, default=None, help="sampling steps to show, e.g. 0,4,8 (default all)")
+    i.add_argument("--seed", type=int, default=0, help="sampling seed")
+    i.add_argument("--suppress", type=float, default=None,
+                   help="also suppress the word's columns by this factor in [0, 1) (0 removes them)")
+    i.add_argument("--out", type=Path, required=True, help="output folder for inspect.png, mask.png and inspect.json")
+    i.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped sandbox)")
+
+    d = sub.add_parser("demo", help="the README's main job on the sandbox: inspection, suppression and its failures")
+    d.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder for images and report.md")
+    d.add_argument("--samples", type=_positive_int, default=64, help="samples per prompt for the rates")
+    return p
+
+
+def _cmd_sandbox(args) -> int:
+    from .sandbox.pipeline import SandboxWorld
+
+    if args.action == "train":
+        from .sandbox.train import SandboxTrainConfig, train_sandbox
+
+        kw = {"seed": args.seed}
+        if args.flux_steps:
+            kw["flux_steps"] = args.flux_steps
+        report = train_sandbox(args.out, SandboxTrainConfig(**kw), stages=tuple(args.stages.split(",")))
+        print(json.dumps(report, indent=2))
+        return 0
+    world = SandboxWorld.load(args.weights)
+    if args.action == "check":
+        from .sandbox.check import classifier_check, quality_markdown, quality_table
+
+        concepts = [x.strip() for x in args.concepts.split(",")] if args.concepts else None
+        from .sandbox.world import concept as lookup
+
+        concepts = [lookup(c).name for c in concepts] if concepts else None
+        acc = classifier_check(world)
+        results = quality_table(world, samples=args.samples, seed=args.seed, concepts=concepts)
+        md = quality_markdown(results)
+        md = f"Classifier held-out clean accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()) + "\n\n" + md
+        print(md)
+        if args.out:
+            from .io import atomic_write_text
+
+            atomic_write_text(args.out.with_suffix(".md"), md + "\n")
+            atomic_write_text(args.out.with_suffix(".json"), json.dumps(
+                {"classifier_accuracy": acc, "samples": args.samples,
+                 "results": [{"concept": r.probe.concept, "kind": r.probe.kind, "prompt": r.probe.prompt,
+                              "found": r.found} for r in results]}, indent=2))
+        return 0 if all(r.found >= 0.9 for r in results) else 1
+    if args.action == "generate":
+        from . import render
+
+        tiles, labels = [], []
+        for prompt in args.prompt:
+            imgs = world.sample([prompt] * args.n, seed=args.seed, steps=args.steps, cfg_scale=args.cfg)
+            tiles += [render.to_pil(im, 3) for im in imgs]
+            verdicts = world.classify(imgs)
+            labels += [f"{s}/{c}" for s, c in zip(verdicts["shape"], verdicts["colour"])]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        render.grid(tiles, cols=args.n, labels=labels, row_labels=args.prompt).save(args.out)
+        print(f"wrote {args.out}")
+        return 0
+    raise AssertionError(args.action)
+
+
+def _cmd_inspect(args) -> int:
+    from . import render
+    from .inspect import inspect_sandbox, inspection_grid
+    from .io import atomic_write_text
+    from .sandbox.pipeline import SandboxWorld
+
+    world = SandboxWorld.load(args.weights)
+    ins = inspect_sandbox(world, args.prompt, args.word, blocks=args.blocks, steps=args.steps, seed=args.seed,
+                          suppress=args.suppress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    inspection_grid(ins).save(args.out / "inspect.png")
+    m = render.mask(ins.word_map()[0], tuple(ins.images.shape[-2:]))
+    render.to_pil(m.expand(3, -1, -1), 4).save(args.out / "mask.png")
+    atomic_write_text(args.out / "inspect.json", json.dumps(ins.to_json(), indent=2))
+    print(json.dumps({"attention_mass": ins.mass(), "tokens": ins.tokens, "out": str(args.out)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "sandbox":
+            return _cmd_sandbox(args)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            report = run_demo(args.out, samples=args.samples)
+            print(f"demo report: {report}")
+            return 0
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"python -m erase_core {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)

@@ -1,0 +1,1 @@
+"""Flux-specific pieces shared by the engine: latent packing, the rectified flow, the attention patch."""

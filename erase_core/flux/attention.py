@@ -1,0 +1,232 @@
+"""The in-place patch of Flux joint attention: capture and suppress image-query → text-key attention.
+
+Flux's blocks attend over one joint sequence with the text tokens first. For an image query i and the text key j,
+
+    P[i, j] = softmax_j'( q_i · k_j' / √d )[j],     j' over every text and image key,
+
+and the map of a token j is P[:, j] laid out on the latent grid, averaged over heads. :class:`AttentionPatch` wraps the
+attention processors of chosen blocks. Capture recomputes q and k from the block's own projections beside the
+untouched original processor, so the model output stays bit-identical. Suppression multiplies the chosen columns of the
+image-query rows by ``scale`` before renormalisation, as an additive log-mask (``scale = 0`` removes them: the
+deterministic attention-map erasure of EraseAnything Sec. 3).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from torch import nn
+
+from .backend import unwrap
+
+TokenSelection = Sequence[int] | Sequence[Sequence[int]]
+
+
+def selection_tensor(tokens: TokenSelection, batch: int, n_txt: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) token indices and a (B, K) validity mask from one list shared by all rows or one list per row."""
+    rows = [list(tokens)] * batch if not tokens or isinstance(tokens[0], int) else [list(r) for r in tokens]
+    if len(rows) != batch:
+        raise ValueError(f"token indices were given for {len(rows)} prompts but the batch has {batch}")
+    k = max(1, max(len(r) for r in rows))
+    idx = torch.zeros(batch, k, dtype=torch.long)
+    valid = torch.zeros(batch, k, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        bad = [i for i in r if not 0 <= i < n_txt]
+        if bad:
+            raise ValueError(f"token index {bad[0]} is outside the {n_txt} text tokens of the prompt")
+        idx[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        valid[b, : len(r)] = True
+    return idx.to(device), valid.to(device)
+
+
+def suppression_bias(idx: torch.Tensor, valid: torch.Tensor, n_txt: int, n_img: int, scale: float,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, S, S): ``log(scale)`` on image-query rows × chosen text columns, 0 elsewhere."""
+    b, s = idx.shape[0], n_txt + n_img
+    value = math.log(scale) if scale > 0 else float("-inf")
+    cols = torch.zeros(b, s, dtype=dtype, device=idx.device)
+    cols.scatter_(1, idx, torch.where(valid, value, 0.0).to(dtype))
+    bias = torch.zeros(b, 1, s, s, dtype=dtype, device=idx.device)
+    bias[:, 0, n_txt:, :] = cols[:, None, :]
+    return bias
+
+
+def image_text_probs(q_img: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None,
+                     n_txt: int, query_chunk: int) -> torch.Tensor:
+    """Head-averaged P[image query, chosen text key] → (B, K, N_img).
+
+    Args:
+        q_img: (B, N_img, H, D) post-norm, post-RoPE image queries.
+        k: (B, N_txt + N_img, H, D) post-norm, post-RoPE keys, text first.
+        idx: (B, K) chosen text columns.
+        bias: optional additive mask (B, 1, S, S) as given to the attention.
+    """
+    scale = 1.0 / math.sqrt(q_img.shape[-1])
+    kt = k.permute(0, 2, 3, 1).float()  # (B, H, D, S)
+    out = []
+    for start in range(0, q_img.shape[1], query_chunk):
+        q = q_img[:, start:start + query_chunk].permute(0, 2, 1, 3).float()  # (B, H, Q, D)
+        logits = torch.matmul(q, kt) * scale  # (B, H, Q, S)
+        if bias is not None:
+            logits = logits + bias[:, :, n_txt + start:n_txt + start + q.shape[2], :].float()
+        probs = logits.softmax(dim=-1)[..., :n_txt].mean(dim=1)  # (B, Q, N_txt)
+        out.append(torch.gather(probs, 2, idx[:, None, :].expand(-1, probs.shape[1], -1)))
+    return torch.cat(out, dim=1).transpose(1, 2)  # (B, K, N_img)
+
+
+@dataclass
+class CapturedMaps:
+    """Maps recorded by a patch: ``maps[(block_name, step)]`` is (B, K, h, w); ``valid`` marks real columns (B, K)."""
+
+    grid: tuple[int, int] | None
+    maps: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    valid: torch.Tensor | None = None
+
+    def blocks(self) -> list[str]:
+        return sorted({b for b, _ in self.maps}, key=_block_order)
+
+    def steps(self) -> list[int]:
+        return sorted({s for _, s in self.maps})
+
+    def mean(self, blocks: Sequence[str] | None = None, steps: Sequence[int] | None = None) -> torch.Tensor:
+        """Average map over the chosen blocks and steps (B, K, h, w)."""
+        keys = [k for k in self.maps if (blocks is None or k[0] in blocks) and (steps is None or k[1] in steps)]
+        if not keys:
+            raise ValueError(f"no captured map for blocks={blocks} steps={steps}; captured: {sorted(self.maps)}")
+        return torch.stack([self.maps[k] for k in keys]).mean(0)
+
+    def mass(self, blocks: Sequence[str] | None = None, steps: Sequence[int] | None = None) -> torch.Tensor:
+        """Attention mass on the chosen tokens: Σ_tokens mean_pixels P, per prompt (B,)."""
+        m = self.mean(blocks, steps)
+        valid = self.valid if self.valid is not None else torch.ones(m.shape[:2], dtype=torch.bool)
+        return (m.flatten(2).mean(-1) * valid.to(m)).sum(-1)
+
+
+def _block_order(name: str) -> tuple[int, int]:
+    kind, i = name.split(".")
+    return (0 if kind == "double" else 1, int(i))
+
+
+class _Processor:
+    """Wraps one block's attention processor; the original keeps computing the output."""
+
+    def __init__(self, original, patch: "AttentionPatch", name: str):
+        self.original = original
+        self.patch = patch
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **kwargs):
+        return self.patch._run(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                               kwargs)
+
+
+class AttentionPatch:
+    """Context manager that patches chosen Flux blocks to capture and/or suppress image→text attention.
+
+    Args:
+        model: diffusers ``FluxTransformer2DModel`` (or a peft wrapper of it).
+        tokens: text token indices, one list for every prompt or one list per prompt in the batch.
+        blocks: block names ``"double.i"`` / ``"single.i"``; default every dual-stream block.
+        capture: record maps; ``keep_grad`` keeps them differentiable (for training losses).
+        suppress: ``None`` or a scale in [0, 1) applied to the chosen columns (0 zeroes them).
+        suppress_blocks: where suppression acts (default: the same blocks).
+        grid: latent token grid (h, w) for reshaping maps; default square.
+        query_chunk: image queries per chunk when computing maps (bounds memory).
+
+    The step index of a map counts the forward passes (while ``active``) since entering; set ``active = False`` around
+    passes that should not be recorded, e.g. the unconditional pass of classifier-free guidance.
+    """
+
+    def __init__(self, model: nn.Module, tokens: TokenSelection, blocks: Sequence[str] | None = None,
+                 capture: bool = True, keep_grad: bool = False, suppress: float | None = None,
+                 suppress_blocks: Sequence[str] | None = None, grid: tuple[int, int] | None = None,
+                 query_chunk: int = 1024):
+        self.inner = unwrap(model)
+        n_double, n_single = len(self.inner.transformer_blocks), len(self.inner.single_transformer_blocks)
+        known = [f"double.{i}" for i in range(n_double)] + [f"single.{i}" for i in range(n_single)]
+        self.blocks = list(blocks) if blocks is not None else [f"double.{i}" for i in range(n_double)]
+        self.suppress_blocks = list(suppress_blocks) if suppress_blocks is not None else list(self.blocks)
+        for name in (*self.blocks, *self.suppress_blocks):
+            if name not in known:
+                raise ValueError(f"block {name!r} does not exist; this model has {known[0]}..{known[-1]}")
+        if suppress is not None and not 0.0 <= suppress < 1.0:
+            raise ValueError(f"suppress={suppress} must be in [0, 1): the factor on the chosen columns (0 removes them)")
+        if query_chunk < 1:
+            raise ValueError(f"query_chunk={query_chunk} must be ≥ 1")
+        self.tokens = tokens
+        self.capture, self.keep_grad, self.suppress = capture, keep_grad, suppress
+        self.query_chunk = query_chunk
+        self.active = True
+        self.result = CapturedMaps(grid)
+        self._calls: dict[str, int] = {}
+        self._saved: dict[str, object] = {}
+        self._n_txt: int | None = None
+
+    # --- install / remove -------------------------------------------------------------------------------------
+    def _attn(self, name: str):
+        kind, i = name.split(".")
+        blocks = self.inner.transformer_blocks if kind == "double" else self.inner.single_transformer_blocks
+        return blocks[int(i)].attn
+
+    def __enter__(self) -> "AttentionPatch":
+        names = sorted(set(self.blocks) | (set(self.suppress_blocks) if self.suppress is not None else set()),
+                       key=_block_order)
+        for name in names:
+            attn = self._attn(name)
+            self._saved[name] = attn.processor
+            attn.set_processor(_Processor(attn.processor, self, name))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, proc in self._saved.items():
+            self._attn(name).set_processor(proc)
+        self._saved.clear()
+
+    # --- per call ---------------------------------------------------------------------------------------------
+    def _run(self, proc: _Processor, attn, hidden, enc, mask, rotary, kwargs):
+        name = proc.name
+        if enc is not None:
+            n_txt, n_img = enc.shape[1], hidden.shape[1]
+            self._n_txt = n_txt
+        else:  # single block: text first in one sequence
+            if self._n_txt is None:
+                raise RuntimeError("a single-stream block ran before any dual-stream block; cannot locate text tokens")
+            n_txt, n_img = self._n_txt, hidden.shape[1] - self._n_txt
+        if not self.active:
+            return proc.original(attn, hidden, enc, mask, rotary, **kwargs)
+        idx, valid = selection_tensor(self.tokens, hidden.shape[0], n_txt, hidden.device)
+        bias = None
+        if self.suppress is not None and name in self.suppress_blocks:
+            bias = suppression_bias(idx, valid, n_txt, n_img, self.suppress, hidden.dtype)
+            if mask is not None:
+                bias = bias + (mask if mask.dtype != torch.bool else torch.where(mask, 0.0, float("-inf")).to(bias))
+            mask = bias
+        if self.capture and name in self.blocks:
+            step = self._calls.get(name, 0)
+            self._calls[name] = step + 1
+            with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
+                maps = self._maps(attn, hidden, enc, rotary, idx, mask, n_txt)
+            if not self.keep_grad:
+                maps = maps.detach()
+            h, w = self.result.grid or (int(math.isqrt(n_img)), n_img // max(1, int(math.isqrt(n_img))))
+            self.result.maps[(name, step)] = maps.reshape(maps.shape[0], maps.shape[1], h, w)
+            self.result.valid = valid
+        return proc.original(attn, hidden, enc, mask, rotary, **kwargs)
+
+    def _maps(self, attn, hidden, enc, rotary, idx, bias, n_txt) -> torch.Tensor:
+        heads = lambda x: x.unflatten(-1, (-1, attn.head_dim))  # noqa: E731  (B, S, H, D)
+        if enc is not None:
+            q_img = attn.norm_q(heads(attn.to_q(hidden)))
+            k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(enc))), attn.norm_k(heads(attn.to_k(hidden)))], 1)
+        else:
+            q_img = attn.norm_q(heads(attn.to_q(hidden[:, n_txt:])))
+            k = attn.norm_k(heads(attn.to_k(hidden)))
+        if rotary is not None:
+            cos, sin = rotary
+            q_img = apply_rotary_emb(q_img, (cos[n_txt:], sin[n_txt:]), sequence_dim=1)
+            k = apply_rotary_emb(k, rotary, sequence_dim=1)
+        return image_text_probs(q_img, k, idx, bias, n_txt, self.query_chunk)

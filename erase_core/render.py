@@ -1,0 +1,99 @@
+"""Pictures people would rather look at than read: heatmap overlays, labelled grids, masks (PIL only)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+# anchor colours of an inferno-like ramp, dark → bright
+_RAMP = torch.tensor([[0.0, 0.0, 0.02], [0.34, 0.06, 0.43], [0.73, 0.21, 0.33], [0.98, 0.55, 0.04], [0.99, 1.0, 0.64]])
+
+
+def to_pil(img: torch.Tensor, scale: int = 1) -> Image.Image:
+    """(3, H, W) in [0, 1] → RGB image, enlarged ``scale``× with nearest neighbours."""
+    arr = (img.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    pil = Image.fromarray(arr, mode="RGB")
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale != 1 else pil
+
+
+def normalise(m: torch.Tensor, vmax: float | None = None) -> torch.Tensor:
+    """Scale a map to [0, 1] by its max (or a shared ``vmax`` so several maps compare)."""
+    top = float(vmax) if vmax is not None else float(m.max())
+    return (m / top).clamp(0, 1) if top > 0 else torch.zeros_like(m)
+
+
+def colormap(m: torch.Tensor) -> torch.Tensor:
+    """(h, w) in [0, 1] → (3, h, w) colours along the ramp."""
+    pos = m.clamp(0, 1) * (len(_RAMP) - 1)
+    lo = pos.floor().long().clamp(max=len(_RAMP) - 2)
+    frac = (pos - lo).unsqueeze(-1)
+    rgb = _RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac
+    return rgb.permute(2, 0, 1)
+
+
+def upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(h, w) map → (H, W), bilinear."""
+    return F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def overlay(image: torch.Tensor, m: torch.Tensor, alpha: float = 0.6, vmax: float | None = None) -> torch.Tensor:
+    """Blend a heatmap (h, w) over an image (3, H, W); returns (3, H, W)."""
+    heat = colormap(upsample(normalise(m, vmax), image.shape[-2:]))
+    return (1 - alpha) * image.float() + alpha * heat
+
+
+def mask(m: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+    """Binary mask (H, W) where the upsampled, max-normalised map reaches ``threshold``."""
+    return (upsample(normalise(m), size) >= threshold).float()
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def grid(tiles: Sequence[Image.Image], cols: int, labels: Sequence[str] | None = None,
+         row_labels: Sequence[str] | None = None, title: str | None = None, pad: int = 4) -> Image.Image:
+    """Tiles in a grid with an optional caption under each tile, a label before each row and a title."""
+    if not tiles:
+        raise ValueError("grid needs at least one tile")
+    w, h = tiles[0].size
+    font = _font(12)
+    cap = 16 if labels else 0
+    left = (max(len(s) for s in row_labels) * 7 + 8) if row_labels else 0
+    top = 20 if title else 0
+    rows = (len(tiles) + cols - 1) // cols
+    out = Image.new("RGB", (left + cols * (w + pad) + pad, top + rows * (h + cap + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    if title:
+        draw.text((pad, 3), title, fill=(0, 0, 0), font=font)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        x, y = left + pad + c * (w + pad), top + pad + r * (h + cap + pad)
+        out.paste(tile, (x, y))
+        if labels:
+            draw.text((x, y + h + 1), labels[i][: max(4, w // 6)], fill=(0, 0, 0), font=font)
+    for r, text in enumerate(row_labels or []):
+        draw.text((4, top + pad + r * (h + cap + pad) + h // 2 - 6), text, fill=(0, 0, 0), font=font)
+    return out
+
+
+def bar_chart(values: dict[str, float], title: str, width: int = 360, vmax: float | None = None) -> Image.Image:
+    """A horizontal bar chart (e.g. attention mass or a concept's rate per prompt)."""
+    font = _font(12)
+    rows = list(values.items())
+    top = vmax if vmax is not None else max([v for _, v in rows] + [1e-9])
+    label_w = max(len(k) for k, _ in rows) * 7 + 10
+    out = Image.new("RGB", (label_w + width + 60, 24 + 18 * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    draw.text((4, 4), title, fill=(0, 0, 0), font=font)
+    for i, (k, v) in enumerate(rows):
+        y = 24 + 18 * i
+        draw.text((4, y), k, fill=(0, 0, 0), font=font)
+        draw.rectangle([label_w, y + 2, label_w + int(width * min(1.0, v / top)), y + 14], fill=(200, 70, 50))
+        draw.text((label_w + width + 4, y), f"{v:.3g}", fill=(0, 0, 0), font=font)
+    return out

@@ -1,0 +1,124 @@
+"""The sandbox world as a text-to-image pipeline: tokenize → encode → Flux velocity → Euler → decode → classify."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import load_file
+
+from ..flux.backend import DiffusersFlux, TextCond
+from ..flux.flow import euler, shifted_sigmas
+from ..flux.packing import pack_latents, unpack_latents
+from .models import AutoEncoder, Classifier, SandboxConfig, TextEncoder
+from .tokenizer import load_tokenizer
+from .world import AXES
+
+log = logging.getLogger("erase_flux.sandbox")
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+FILES = ("config.json", "tokenizer.json", "text_encoder.safetensors", "autoencoder.safetensors",
+         "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "classifier.safetensors")
+
+
+def _load_module(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    module.load_state_dict(state)
+    return module.eval().requires_grad_(False)
+
+
+class SandboxWorld:
+    """Everything of the sandbox world, loaded from a weights folder (default: the shipped one)."""
+
+    def __init__(self, cfg: SandboxConfig, tokenizer, text_encoder: TextEncoder, autoencoder: AutoEncoder,
+                 transformer: FluxTransformer2DModel, classifier: Classifier | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.autoencoder = autoencoder
+        self.transformer = transformer
+        self.classifier = classifier
+
+    @classmethod
+    def load(cls, weights_dir: str | Path | None = None) -> "SandboxWorld":
+        d = Path(weights_dir) if weights_dir else WEIGHTS_DIR
+        missing = [f for f in FILES if not (d / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"sandbox weights folder {d} lacks {', '.join(missing)}; "
+                                    "build it with `python -m erase_core sandbox train`")
+        cfg = SandboxConfig(**json.loads((d / "config.json").read_text()))
+        tok = load_tokenizer(d / "tokenizer.json", cfg.max_tokens)
+        te = _load_module(TextEncoder(cfg), d / "text_encoder.safetensors")
+        ae = _load_module(AutoEncoder(cfg), d / "autoencoder.safetensors")
+        tr = FluxTransformer2DModel.from_pretrained(str(d / "transformer"), torch_dtype=torch.float32)
+        tr.eval().requires_grad_(False)
+        clf = _load_module(Classifier({a: len(v) for a, v in AXES.items()}), d / "classifier.safetensors")
+        return cls(cfg, tok, te, ae, tr, clf)
+
+    # --- text -------------------------------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([e.ids for e in self.tokenizer.encode_batch(list(prompts))], dtype=torch.long)
+
+    def encode(self, prompts: list[str]) -> TextCond:
+        ids = self.tokenize(prompts)
+        seq, pooled = self.text_encoder(ids)
+        return TextCond(seq, pooled)
+
+    # --- denoiser ---------------------------------------------------------------------------------------------
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return (self.cfg.latent_size, self.cfg.latent_size)
+
+    def backend(self, transformer=None) -> DiffusersFlux:
+        return DiffusersFlux(transformer if transformer is not None else self.transformer, self.latent_hw)
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        """Packed initial noise, one generator per sample so that a seed means the same image in any batch."""
+        c, s = self.cfg.latent_channels, self.cfg.latent_size
+        lat = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+        return pack_latents(lat)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seed: int = 0, steps: int = 12, cfg_scale: float = 3.0,
+               transformer=None, callback: Callable[[int, torch.Tensor], None] | None = None,
+               text: TextCond | None = None, patch=None) -> torch.Tensor:
+        """Generate one image per prompt (B, 3, H, W) with classifier-free guidance on the Euler sampler.
+
+        ``patch`` (an active :class:`~erase_core.flux.attention.AttentionPatch`) sees only the conditional passes.
+        """
+        backend = self.backend(transformer)
+        cond = text if text is not None else self.encode(prompts)
+        uncond = self.encode([""] * len(cond)) if cfg_scale != 1.0 else None
+
+        def velocity(x, t):
+            v_c = backend.velocity(x, t, cond)
+            if uncond is None:
+                return v_c
+            if patch is not None:
+                patch.active = False
+            v_u = backend.velocity(x, t, uncond)
+            if patch is not None:
+                patch.active = True
+            return v_u + cfg_scale * (v_c - v_u)
+
+        x = euler(velocity, self.noise(len(cond), seed), shifted_sigmas(steps), callback)
+        return self.decode(x)
+
+    def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        h, w = self.latent_hw
+        return self.autoencoder.decode(unpack_latents(packed, h, w))
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return pack_latents(self.autoencoder.encode(images))
+
+    # --- judge ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> dict[str, list[str]]:
+        """Per axis, the classifier's verdict for each image (names from ``world.AXES``)."""
+        if self.classifier is None:
+            raise RuntimeError("this sandbox world has no classifier loaded")
+        logits = self.classifier(images)
+        return {axis: [AXES[axis][i] for i in logits[axis].argmax(-1).tolist()] for axis in logits}

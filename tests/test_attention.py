@@ -1,0 +1,150 @@
+"""The attention patch: exact capture, clean removal, gradients, suppression."""
+import math
+
+import pytest
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from erase_core.flux.attention import AttentionPatch, selection_tensor
+from erase_core.flux.backend import DiffusersFlux
+from erase_core.flux.packing import image_ids, text_ids
+
+
+def reference_probs(model, x, t, text, block: int):
+    """Full joint-attention probabilities of dual block ``block`` recomputed by hand, (B, H, S, S)."""
+    rec = {}
+
+    def grab(mod, args, kwargs):
+        rec["h"], rec["e"] = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        rec["rot"] = kwargs["image_rotary_emb"]
+
+    hook = model.transformer_blocks[block].attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        DiffusersFlux(model, (8, 8)).velocity(x, t, text)
+    finally:
+        hook.remove()
+    attn = model.transformer_blocks[block].attn
+    heads = lambda y: y.unflatten(-1, (-1, attn.head_dim))  # noqa: E731
+    q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(rec["e"]))), attn.norm_q(heads(attn.to_q(rec["h"])))], 1)
+    k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(rec["e"]))), attn.norm_k(heads(attn.to_k(rec["h"])))], 1)
+    q, k = apply_rotary_emb(q, rec["rot"], sequence_dim=1), apply_rotary_emb(k, rec["rot"], sequence_dim=1)
+    return (torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(attn.head_dim)).softmax(-1)
+
+
+def test_capture_is_bit_identical_and_restores(flux, flux_inputs):
+    x, t, text = flux_inputs
+    be = DiffusersFlux(flux, (8, 8))
+    before = [b.attn.processor for b in flux.transformer_blocks]
+    with torch.no_grad():
+        ref = be.velocity(x, t, text)
+        with AttentionPatch(flux, [2, 3], blocks=["double.0", "double.1", "single.1"]) as patch:
+            out = be.velocity(x, t, text)
+            assert flux.transformer_blocks[0].attn.processor is not before[0]
+        after = be.velocity(x, t, text)
+    assert torch.equal(out, ref)
+    assert torch.equal(after, ref)
+    assert [b.attn.processor for b in flux.transformer_blocks] == before
+    assert set(patch.result.maps) == {("double.0", 0), ("double.1", 0), ("single.1", 0)}
+
+
+def test_maps_match_hand_computed_softmax(flux, flux_inputs):
+    x, t, text = flux_inputs
+    with torch.no_grad():
+        probs = reference_probs(flux, x, t, text, block=1)
+        with AttentionPatch(flux, [1, 4, 7], blocks=["double.1"], grid=(4, 4), query_chunk=5) as patch:
+            DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
+    n_txt = 8
+    expected = probs[:, :, n_txt:, :n_txt].mean(1)[..., [1, 4, 7]].transpose(1, 2).reshape(2, 3, 4, 4)
+    got = patch.result.maps[("double.1", 0)]
+    assert got.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # attention mass is the sum over the chosen tokens of the mean over pixels
+    torch.testing.assert_close(patch.result.mass(["double.1"]), expected.flatten(2).mean(-1).sum(-1))
+
+
+def test_per_row_token_lists(flux, flux_inputs):
+    x, t, text = flux_inputs
+    with torch.no_grad():
+        with AttentionPatch(flux, [[2], [3, 5]], blocks=["double.0"]) as patch:
+            DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
+        with AttentionPatch(flux, [2, 3, 5], blocks=["double.0"]) as full:
+            DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
+    rows = patch.result.maps[("double.0", 0)]
+    ref = full.result.maps[("double.0", 0)]
+    torch.testing.assert_close(rows[0, 0], ref[0, 0])
+    torch.testing.assert_close(rows[1], ref[1, 1:])
+    assert patch.result.valid.tolist() == [[True, False], [True, True]]
+    torch.testing.assert_close(patch.result.mass()[0], ref[0, 0].mean())
+
+
+def test_steps_count_forward_passes_and_inactive_passes_are_skipped(flux, flux_inputs):
+    x, t, text = flux_inputs
+    be = DiffusersFlux(flux, (8, 8))
+    with torch.no_grad(), AttentionPatch(flux, [2]) as patch:
+        be.velocity(x, t, text)
+        patch.active = False
+        be.velocity(x, t, text)
+        patch.active = True
+        be.velocity(x, t * 0.5, text)
+    assert patch.result.steps() == [0, 1]
+    assert patch.result.blocks() == ["double.0", "double.1"]
+
+
+def test_keep_grad_reaches_add_k_proj_of_the_same_block(flux, flux_inputs):
+    x, t, text = flux_inputs
+    flux.requires_grad_(True)
+    with AttentionPatch(flux, [2, 3], blocks=["double.1"], keep_grad=True) as patch:
+        DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
+    patch.result.mass().sum().backward()
+    attn = flux.transformer_blocks[1].attn
+    assert attn.add_k_proj.weight.grad is not None and attn.add_k_proj.weight.grad.abs().sum() > 0
+    # image→text maps of a block get no gradient from that block's text queries
+    assert attn.add_q_proj.weight.grad is None or attn.add_q_proj.weight.grad.abs().sum() == 0
+
+
+def test_without_keep_grad_maps_are_detached(flux, flux_inputs):
+    x, t, text = flux_inputs
+    flux.requires_grad_(True)
+    with AttentionPatch(flux, [2], blocks=["double.0"]) as patch:
+        DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
+    assert not patch.result.maps[("double.0", 0)].requires_grad
+
+
+def test_suppression_zeroes_the_columns_and_changes_the_output(flux, flux_inputs):
+    x, t, text = flux_inputs
+    be = DiffusersFlux(flux, (8, 8))
+    with torch.no_grad():
+        ref = be.velocity(x, t, text)
+        with AttentionPatch(flux, [2, 3], suppress=0.0) as patch:
+            out = be.velocity(x, t, text)
+    assert patch.result.mass().abs().max() == 0.0
+    assert (out - ref).abs().max() > 1e-4
+
+
+def test_partial_suppression_rescales_before_renormalising(flux, flux_inputs):
+    x, t, text = flux_inputs
+    with torch.no_grad():
+        probs = reference_probs(flux, x, t, text, block=0)[:, :, 8:, :]  # image rows (B, H, Ni, S)
+        with AttentionPatch(flux, [2], blocks=["double.0"], suppress=0.5) as patch:
+            DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
+    p2 = probs[..., 2]
+    expected = (0.5 * p2 / (1 - 0.5 * p2)).mean(1)  # softmax with logit + log 0.5 on one column
+    torch.testing.assert_close(patch.result.maps[("double.0", 0)][:, 0].flatten(1), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_arguments_name_the_field(flux):
+    with pytest.raises(ValueError, match="block 'double.9'"):
+        AttentionPatch(flux, [1], blocks=["double.9"])
+    with pytest.raises(ValueError, match="suppress=1.5"):
+        AttentionPatch(flux, [1], suppress=1.5)
+    with pytest.raises(ValueError, match="token index 40"):
+        selection_tensor([40], 1, 8)
+    with pytest.raises(ValueError, match="3 prompts"):
+        selection_tensor([[1], [2], [3]], 2, 8)
+
+
+def test_ids_layout():
+    ids = image_ids(4, 6)
+    assert ids.shape == (6, 3) and ids[:, 0].abs().sum() == 0
+    assert ids[4].tolist() == [0, 1, 1]
+    assert text_ids(5).abs().sum() == 0
