@@ -87,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", type=Path, required=True, help="output folder for inspect.png, mask.png and inspect.json")
     i.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped sandbox)")
 
+    e = sub.add_parser("erase", help="train an erase-LoRA for a concept (on the sandbox world by default)")
+    e.add_argument("--concept", required=True, help="the concept word to erase (a sandbox concept or alias)")
+    e.add_argument("--method", choices=("eraseanything", "esd", "ca"), default="eraseanything",
+                   help="eraseanything (bi-level, default), esd (ESD loss only) or ca (concept ablation to an anchor)")
+    e.add_argument("--steps", type=_positive_int, default=None, help="outer training steps (default 150)")
+    e.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic under it)")
+    e.add_argument("--out", type=Path, required=True, help="LoRA file to write (.safetensors)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
+
+    v = sub.add_parser("evaluate", help="Acc_e / Acc_ir / Acc_g / H_o of an erase-LoRA on the sandbox")
+    v.add_argument("--lora", type=Path, default=None, help="LoRA file (omit to evaluate the base model)")
+    v.add_argument("--concept", required=True, help="the erased concept")
+    v.add_argument("--samples", type=_positive_int, default=64, help="samples per prompt")
+    v.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    v.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
+
     d = sub.add_parser("demo", help="the README's main job on the sandbox: inspection, suppression and its failures")
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder for images and report.md")
     d.add_argument("--samples", type=_positive_int, default=64, help="samples per prompt for the rates")
@@ -170,13 +187,17 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_sandbox(args)
         if args.command == "inspect":
             return _cmd_inspect(args)
+        if args.command in ("erase", "evaluate"):
+            from .cli_erase import run
+
+            return run(args)
         if args.command == "demo":
             from .demo import run_demo
 
             report = run_demo(args.out, samples=args.samples)
             print(f"demo report: {report}")
             return 0
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"python -m erase_core {args.command}: error: {exc}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)

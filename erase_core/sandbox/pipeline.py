@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from ..flux.backend import DiffusersFlux, TextCond
 from ..flux.flow import euler, shifted_sigmas
 from ..flux.packing import pack_latents, unpack_latents
+from ..tokens import word_token_indices
 from .models import AutoEncoder, Classifier, SandboxConfig, TextEncoder
 from .tokenizer import load_tokenizer
 from .world import AXES
@@ -82,10 +83,10 @@ class SandboxWorld:
         return pack_latents(lat)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seed: int = 0, steps: int = 12, cfg_scale: float = 3.0,
-               transformer=None, callback: Callable[[int, torch.Tensor], None] | None = None,
-               text: TextCond | None = None, patch=None) -> torch.Tensor:
-        """Generate one image per prompt (B, 3, H, W) with classifier-free guidance on the Euler sampler.
+    def sample_latents(self, prompts: list[str], seed: int = 0, steps: int = 12, cfg_scale: float = 3.0,
+                       transformer=None, callback: Callable[[int, torch.Tensor], None] | None = None,
+                       text: TextCond | None = None, patch=None) -> torch.Tensor:
+        """Packed latents (B, N, 4C) from the Euler sampler with classifier-free guidance.
 
         ``patch`` (an active :class:`~erase_core.flux.attention.AttentionPatch`) sees only the conditional passes.
         """
@@ -104,8 +105,15 @@ class SandboxWorld:
                 patch.active = True
             return v_u + cfg_scale * (v_c - v_u)
 
-        x = euler(velocity, self.noise(len(cond), seed), shifted_sigmas(steps), callback)
-        return self.decode(x)
+        return euler(velocity, self.noise(len(cond), seed), shifted_sigmas(steps), callback)
+
+    def sample(self, prompts: list[str], seed: int = 0, **kw) -> torch.Tensor:
+        """Generate one image per prompt (B, 3, H, W); keywords as :meth:`sample_latents`."""
+        return self.decode(self.sample_latents(prompts, seed, **kw))
+
+    def token_indices(self, prompt: str, word: str) -> list[int]:
+        """Token indices of ``word`` in ``prompt`` for the sandbox's T5-style tokenizer."""
+        return word_token_indices(self.tokenizer, prompt, word)
 
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
         h, w = self.latent_hw

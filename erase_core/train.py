@@ -1,0 +1,263 @@
+"""Erase training: EraseAnything's bi-level LoRA optimisation (and the ESD / CA baselines) on any Flux world.
+
+A *world* gives the trainer text conditioning, token indices and base-model samples:
+``encode(prompts) -> TextCond``, ``token_indices(prompt, word) -> list[int]``, ``noise(n, seed)``,
+``sample_latents(prompts, seed, transformer=...)``, ``backend(transformer) -> DiffusersFlux``.
+The sandbox world (``erase_core.sandbox.pipeline.SandboxWorld``) is one.
+
+One outer step (EraseAnything Alg. 1) = ``inner_steps`` lower-level steps
+    min  L_esd + λ_attn L_attn                 on freshly shuffled concept prompts (indices recomputed)
+then ``upper_steps`` upper-level steps
+    min  λ_pres L_lora + λ_rsc L_rsc           on base-model images of preserved prompts; attention features of
+                                               the concept, one synonym and K irrelevant concepts
+with one LoRA and one AdamW. The teacher is the same model with the LoRA disabled.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from . import losses
+from .concepts import ConceptSet
+from .flux.attention import AttentionPatch
+from .flux.backend import TextCond
+from .flux.flow import noised
+from .lora import attach_lora, teacher_mode
+from .tokens import shuffle_words
+
+log = logging.getLogger("erase_flux.train")
+
+Method = Literal["eraseanything", "esd", "ca"]
+
+
+@dataclass(frozen=True)
+class EraseConfig:
+    """Every knob of one erase; validated on creation and stored in the LoRA's metadata."""
+
+    method: Method = "eraseanything"
+    steps: int = 150  # outer steps
+    inner_steps: int = 1  # lower-level (erase) steps per outer step
+    upper_steps: int = 1  # upper-level (preserve) steps per outer step
+    batch: int = 16
+    lr: float = 3e-3
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("add_q_proj", "add_k_proj")
+    eta: float = 1.0  # ESD negative guidance
+    lambda_attn: float = 1.0
+    lambda_preserve: float = 1.0
+    lambda_rsc: float = 0.1
+    tau: float = 0.07
+    t_range: tuple[float, float] = (0.05, 1.0)  # x_t times for the erase and preserve losses
+    rsc_t_range: tuple[float, float] = (0.6, 1.0)  # attention features are read at high noise (paper Fig. 2)
+    base_samples: int = 64  # base-model images of the concept prompts that x_t is drawn from
+    preserve_images: int = 8  # per preserved prompt (paper: 6-10 images, fixed seeds)
+    attn_blocks: tuple[str, ...] | None = None  # default: every dual-stream block
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("eraseanything", "esd", "ca"):
+            raise ValueError(f"method={self.method!r} is unknown; choose eraseanything, esd or ca")
+        for name in ("steps", "inner_steps", "batch", "rank", "base_samples", "preserve_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
+        if self.upper_steps < 0:
+            raise ValueError(f"upper_steps={self.upper_steps} must be ≥ 0")
+        for name in ("lr", "alpha", "tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("lambda_attn", "lambda_preserve", "lambda_rsc", "eta"):
+            if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number ≥ 0")
+        for name in ("t_range", "rsc_t_range"):
+            lo, hi = getattr(self, name)
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must satisfy 0 ≤ low < high ≤ 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepLog:
+    step: int
+    losses: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class EraseResult:
+    model: torch.nn.Module
+    config: EraseConfig
+    concept: ConceptSet
+    history: list[StepLog] = field(default_factory=list)
+    forwards: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _uniform(n: int, lo_hi: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    lo, hi = lo_hi
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+class Eraser:
+    """Trains one erase-LoRA on a copy of the world's transformer."""
+
+    def __init__(self, world, concept: ConceptSet, config: EraseConfig, transformer=None):
+        self.world, self.concept, self.cfg = world, concept, config
+        base = transformer if transformer is not None else world.transformer
+        self.model = copy.deepcopy(base)
+        self.params = attach_lora(self.model, config.targets, config.rank, config.alpha, seed=config.seed)
+        self.backend = world.backend(self.model)
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
+        self.rng = random.Random(config.seed)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.forwards = {"teacher": 0, "student": 0}
+        self._prepare()
+
+    # --- data made by the base model itself ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _prepare(self) -> None:
+        c, cfg = self.concept, self.cfg
+        with teacher_mode(self.model, self.params):
+            prompts = [c.prompts[i % len(c.prompts)] for i in range(cfg.base_samples)]
+            self.concept_x0 = self.world.sample_latents(prompts, seed=cfg.seed + 10_000, transformer=self.model)
+            self.preserve = []
+            for j, p in enumerate(c.preserve_prompts):
+                x0 = self.world.sample_latents([p] * cfg.preserve_images, seed=cfg.seed + 20_000 + 100 * j,
+                                               transformer=self.model)
+                self.preserve += [(p, x) for x in x0]
+        self.empty = self.world.encode([""])
+
+    def _velocity(self, x, t, text: TextCond, kind: str) -> torch.Tensor:
+        self.forwards[kind] += x.shape[0]
+        return self.backend.velocity(x, t, text)
+
+    # --- lower level: erase ---------------------------------------------------------------------------------------
+    def lower_step(self) -> dict[str, float]:
+        cfg, c = self.cfg, self.concept
+        prompts = [shuffle_words(self.rng.choice(c.prompts), self.rng, keep=c.word) for _ in range(cfg.batch)]
+        pick = torch.randint(0, len(self.concept_x0), (cfg.batch,), generator=self.gen)
+        x0 = self.concept_x0[pick]
+        noise = torch.randn(x0.shape, generator=self.gen)
+        t = _uniform(cfg.batch, cfg.t_range, self.gen)
+        x_t = noised(x0, noise, t)
+        text = self.world.encode(prompts)
+        with torch.no_grad(), teacher_mode(self.model, self.params):
+            if cfg.method == "ca":
+                anchor = self.world.encode([c.substitute(p, c.anchor) for p in prompts])
+                v_anchor = self._velocity(x_t, t, anchor, "teacher")
+            else:
+                v_u = self._velocity(x_t, t, TextCond(self.empty.sequence.expand(cfg.batch, -1, -1),
+                                                      self.empty.pooled.expand(cfg.batch, -1)), "teacher")
+                v_c = self._velocity(x_t, t, text, "teacher")
+        out: dict[str, float] = {}
+        use_attn = cfg.method == "eraseanything" and cfg.lambda_attn > 0
+        idx = [self.world.token_indices(p, c.word) for p in prompts]
+        with AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True, capture=use_attn) as patch:
+            v_pred = self._velocity(x_t, t, text, "student")
+        if cfg.method == "ca":
+            loss = losses.anchor_loss(v_pred, v_anchor)
+            out["ca"] = loss.item()
+        else:
+            loss = losses.esd_loss(v_pred, v_u, v_c, cfg.eta)
+            out["esd"] = loss.item()
+        if use_attn:
+            maps = torch.stack(list(patch.result.maps.values()))  # (blocks, B, K, h, w)
+            l_attn = losses.attention_loss(maps, patch.result.valid)
+            loss = loss + cfg.lambda_attn * l_attn
+            out["attn"] = l_attn.item()
+        self._step(loss)
+        return out
+
+    # --- upper level: preserve ------------------------------------------------------------------------------------
+    def upper_step(self) -> dict[str, float]:
+        cfg, c = self.cfg, self.concept
+        out: dict[str, float] = {}
+        loss = torch.zeros(())
+        if self.preserve and cfg.lambda_preserve > 0:
+            rows = [self.preserve[self.rng.randrange(len(self.preserve))] for _ in range(cfg.batch)]
+            x0 = torch.stack([x for _, x in rows])
+            noise = torch.randn(x0.shape, generator=self.gen)
+            t = _uniform(cfg.batch, cfg.t_range, self.gen)
+            v = self._velocity(noised(x0, noise, t), t, self.world.encode([p for p, _ in rows]), "student")
+            l_pres = losses.flow_loss(v, x0, noise)
+            loss = loss + cfg.lambda_preserve * l_pres
+            out["preserve"] = l_pres.item()
+        if cfg.method == "eraseanything" and cfg.lambda_rsc > 0 and c.synonyms and c.irrelevant:
+            l_rsc = self._rsc_loss()
+            loss = loss + cfg.lambda_rsc * l_rsc
+            out["rsc"] = l_rsc.item()
+        if out:
+            self._step(loss)
+        return out
+
+    def _rsc_loss(self) -> torch.Tensor:
+        """Attention features of the concept, a synonym and K irrelevant concepts, each at its own token indices,
+        from one shared x_t (the paper fixes the starting latent)."""
+        c = self.concept
+        base = shuffle_words(self.rng.choice(c.prompts), self.rng, keep=c.word)
+        words = [c.word, self.rng.choice(c.synonyms), *c.irrelevant]
+        prompts = [c.substitute(base, w) for w in words]
+        idx = [self.world.token_indices(p, w) for p, w in zip(prompts, words)]
+        x0 = self.concept_x0[torch.randint(0, len(self.concept_x0), (1,), generator=self.gen)]
+        t = _uniform(1, self.cfg.rsc_t_range, self.gen)
+        x_t = noised(x0, torch.randn(x0.shape, generator=self.gen), t).expand(len(prompts), -1, -1)
+        with AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True) as patch:
+            self._velocity(x_t, t.expand(len(prompts)), self.world.encode(prompts), "student")
+        maps = torch.stack(list(patch.result.maps.values())).mean(0)  # (P, K, h, w)
+        feats = (maps * patch.result.valid[..., None, None].to(maps)).sum(1).flatten(1)  # (P, h*w)
+        return losses.reverse_self_contrastive(feats[:1], feats[1:2], feats[2:][None], self.cfg.tau)
+
+    # --- loop -----------------------------------------------------------------------------------------------------
+    def _attn_blocks(self) -> list[str]:
+        if self.cfg.attn_blocks is not None:
+            return list(self.cfg.attn_blocks)
+        return [f"double.{i}" for i in range(len(self.backend.dual_blocks()))]
+
+    def _step(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at this step; lower lr (now {self.cfg.lr}) or the "
+                                "loss weights, and resume from the last checkpoint")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def train(self, progress: Callable[[StepLog], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> EraseResult:
+        history: list[StepLog] = []
+        t0 = time.time()
+        interrupted = False
+        for step in range(self.cfg.steps):
+            if should_stop is not None and should_stop():
+                interrupted = True
+                break
+            logs: dict[str, float] = {}
+            for _ in range(self.cfg.inner_steps):
+                logs.update(self.lower_step())
+            if self.cfg.method == "eraseanything":
+                for _ in range(self.cfg.upper_steps):
+                    logs.update(self.upper_step())
+            entry = StepLog(step, logs, time.time() - t0)
+            history.append(entry)
+            if progress:
+                progress(entry)
+            if step % 10 == 0:
+                log.info("erase step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        return EraseResult(self.model, self.cfg, self.concept, history, dict(self.forwards), interrupted)
+
+
+def erase(world, concept: ConceptSet, config: EraseConfig, **kw) -> EraseResult:
+    """Train one erase-LoRA; see :class:`Eraser`."""
+    return Eraser(world, concept, config).train(**kw)
