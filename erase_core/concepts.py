@@ -96,3 +96,66 @@ def irrelevant_in_bands(word: str, candidates: list[str], per_band: int = 1, see
         rng.shuffle(pool)
         out[band] = pool[:per_band]
     return out
+
+
+# --- optional LLM (OpenAI-compatible chat endpoint; the reply is parsed as JSON, never evaluated) --------------
+LLM_PROMPT = (
+    "You help erase the concept '{concept}' from a text-to-image model. List {k} concepts that are irrelevant to it "
+    "in each of three bands: 'no_relation' (nothing in common), 'far' (same broad domain, clearly different), 'mid' "
+    "(related but distinct, must not be erased). Answer only with JSON: "
+    '{{"no_relation": [...], "far": [...], "mid": [...]}}')
+
+
+def parse_llm_bands(text: str, k: int) -> dict[str, list[str]]:
+    """Validate an LLM reply: a JSON object with the three bands, each a list of short strings."""
+    import json
+
+    match = re.search(r"\{.*\}", text, flags=re.S)
+    if not match:
+        raise ValueError(f"the LLM reply holds no JSON object: {text[:120]!r}")
+    try:
+        data = json.loads(match.group(0))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the LLM reply is not valid JSON ({exc.msg}): {match.group(0)[:120]!r}") from None
+    out: dict[str, list[str]] = {}
+    for band in BANDS:
+        items = data.get(band)
+        if not isinstance(items, list) or not all(isinstance(x, str) and 0 < len(x.strip()) <= 60 for x in items):
+            raise ValueError(f"the LLM reply's {band!r} must be a list of short strings, got {items!r}")
+        out[band] = [x.strip() for x in items][:k]
+    return out
+
+
+def llm_irrelevant(concept: str, endpoint: str, model: str, api_key: str | None = None, k: int = 3,
+                   timeout: float = 60.0) -> dict[str, list[str]]:
+    """Irrelevant concepts in bands from an OpenAI-compatible ``/chat/completions`` endpoint (App. C)."""
+    import json
+    import urllib.request
+
+    body = json.dumps({"model": model, "temperature": 0,
+                       "messages": [{"role": "user", "content": LLM_PROMPT.format(concept=concept, k=k)}]}).encode()
+    req = urllib.request.Request(endpoint.rstrip("/") + "/chat/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (user-configured endpoint)
+        reply = json.loads(resp.read().decode())
+    try:
+        text = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"endpoint {endpoint} did not answer in the chat-completions format") from None
+    return parse_llm_bands(text, k)
+
+
+def build_concept_set(word: str, prompts: list[str], synonyms: list[str] | None = None,
+                      irrelevant: list[str] | None = None, preserve_prompts: list[str] | None = None,
+                      candidates: list[str] | None = None, anchor: str = "", seed: int = 0) -> ConceptSet:
+    """A concept set for real Flux: user lists win; otherwise WordNet synonyms and banded irrelevant concepts
+    picked from ``candidates`` (one per band)."""
+    syn = list(synonyms) if synonyms is not None else wordnet_synonyms(word)
+    if irrelevant is None:
+        bands = irrelevant_in_bands(word, candidates or [], seed=seed) if candidates else {}
+        irrelevant = [c for band in bands.values() for c in band]
+    else:
+        bands = {}
+    return ConceptSet(word=word, prompts=tuple(prompts), synonyms=tuple(syn), irrelevant=tuple(irrelevant),
+                      preserve_prompts=tuple(preserve_prompts or ()), anchor=anchor, bands=bands)

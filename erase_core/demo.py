@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import render
+from . import evaluate, render
 from .flux.attention import AttentionPatch
 from .inspect import inspect_sandbox, inspection_grid
 from .io import atomic_write_text
 from .sandbox.pipeline import SandboxWorld
-from .sandbox.prompts import concept_prompt, misspell
+from .sandbox.prompts import concept_prompt
 from .sandbox.world import CONCEPTS
 from .tokens import word_token_indices
 
@@ -34,15 +33,13 @@ class AttackPrompt:
 
 
 def attack_prompts(concept: str, seed: int = 0) -> list[AttackPrompt]:
-    """The plain prompt of a concept and obfuscated prompts that still ask for it."""
+    """The plain prompt of a concept and one of each obfuscation that still asks for it (from the evaluator)."""
     c = CONCEPTS[concept]
-    rng = random.Random(seed)
-    plain = concept_prompt(c.name, c.axis)
-    out = [AttackPrompt("plain", plain),
-           AttackPrompt("synonym", concept_prompt(c.synonyms[0], c.axis)),
-           AttackPrompt("misspelling", concept_prompt(misspell(c.name, rng), c.axis)),
-           AttackPrompt("repeated word", concept_prompt(f"{c.name} {c.name}", c.axis)),
-           AttackPrompt("shuffled words", " ".join(reversed(plain.split())))]
+    attacks = evaluate.attack_prompts(concept, seed)
+    picks = {"synonym": f"synonym:{c.synonyms[0]}", "misspelling": "misspelling:1", "repeated word": "repeated",
+             "shuffled words": "shuffled", "nonsense prefix": "prefix"}
+    out = [AttackPrompt("plain", concept_prompt(c.name, c.axis))]
+    out += [AttackPrompt(kind, attacks[key]) for kind, key in picks.items()]
     out += [AttackPrompt("associated", a) for a in c.associated[:1]]
     return out
 

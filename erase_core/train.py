@@ -20,6 +20,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch
@@ -234,21 +235,71 @@ class Eraser:
         loss.backward()
         self.opt.step()
 
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def checkpoint(self, step: int) -> dict:
+        """Everything needed to resume: LoRA and optimiser tensors, step, RNG states, the config."""
+        return {"lora": {n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_" in n},
+                "opt": copy.deepcopy(self.opt.state_dict()), "step": step, "config": self.cfg.to_dict(),
+                "rng": [list(x) if isinstance(x, tuple) else x for x in self.rng.getstate()],
+                "gen": self.gen.get_state(), "forwards": dict(self.forwards)}
+
+    def save_checkpoint(self, path, step: int) -> None:
+        """Atomic write of :meth:`checkpoint` (torch format, read back with ``weights_only=True``)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.checkpoint(step), tmp)
+        tmp.replace(path)
+
+    def load_checkpoint(self, path) -> int:
+        """Restore a checkpoint written by :meth:`save_checkpoint`; returns the step to continue from."""
+        state = torch.load(path, weights_only=True)
+        if state["config"] != self.cfg.to_dict():
+            diff = [k for k in state["config"] if state["config"][k] != self.cfg.to_dict().get(k)]
+            raise ValueError(f"checkpoint {path} was made with another config (differs in {diff}); resume with the "
+                             "same settings")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in state["lora"].items():
+                params[n].copy_(v)
+        self.opt.load_state_dict(state["opt"])
+        self.rng.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["rng"]))
+        self.gen.set_state(state["gen"])
+        self.forwards = dict(state["forwards"])
+        return int(state["step"])
+
     def train(self, progress: Callable[[StepLog], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> EraseResult:
+              should_stop: Callable[[], bool] | None = None, checkpoint_path=None,
+              resume: bool = False) -> EraseResult:
+        """Run the outer loop. ``should_stop()`` is polled every step (e.g. ComfyUI's Cancel); when it fires, or the
+        loss is not finite, the last good state is written to ``checkpoint_path`` (if given) so a later call with
+        ``resume=True`` continues exactly."""
         history: list[StepLog] = []
         t0 = time.time()
         interrupted = False
-        for step in range(self.cfg.steps):
+        if checkpoint_path is not None:
+            checkpoint_path = Path(checkpoint_path)
+        start = self.load_checkpoint(checkpoint_path) if resume and checkpoint_path else 0
+        for step in range(start, self.cfg.steps):
             if should_stop is not None and should_stop():
                 interrupted = True
+                if checkpoint_path:
+                    self.save_checkpoint(checkpoint_path, step)
                 break
+            if checkpoint_path:
+                good = self.checkpoint(step)
             logs: dict[str, float] = {}
-            for _ in range(self.cfg.inner_steps):
-                logs.update(self.lower_step())
-            if self.cfg.method == "eraseanything":
-                for _ in range(self.cfg.upper_steps):
-                    logs.update(self.upper_step())
+            try:
+                for _ in range(self.cfg.inner_steps):
+                    logs.update(self.lower_step())
+                if self.cfg.method == "eraseanything":
+                    for _ in range(self.cfg.upper_steps):
+                        logs.update(self.upper_step())
+            except NonFiniteLoss:
+                if checkpoint_path:
+                    tmp = checkpoint_path.with_name(checkpoint_path.name + ".tmp")
+                    torch.save(good, tmp)
+                    tmp.replace(checkpoint_path)
+                raise
             entry = StepLog(step, logs, time.time() - t0)
             history.append(entry)
             if progress:

@@ -1,0 +1,129 @@
+"""The erasure benchmark on the sandbox: every method on concepts of the three categories, like EraseAnything's
+Table 3 plus H_o, an ablation over the loss terms like its Table 4, and before/after grids.
+
+Usage: python bench/erase_table.py [--concepts circle,star,red,blue,west,northeast] [--samples 64]
+                                   [--steps 150] [--ablation] [--out bench/results/erase]
+Writes table.md, table.json and grid_<concept>.png into --out. Slow: minutes per concept and method on 2 cores.
+"""
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from erase_core import render  # noqa: E402
+from erase_core.evaluate import EraseMetrics, evaluate_erasure  # noqa: E402
+from erase_core.flux.attention import AttentionPatch  # noqa: E402
+from erase_core.io import atomic_write_text  # noqa: E402
+from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
+from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
+from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
+from erase_core.sandbox.world import CONCEPTS  # noqa: E402
+from erase_core.train import EraseConfig, erase  # noqa: E402
+
+ABLATION = {
+    "L_esd": dict(method="esd"),
+    "L_esd + L_attn": dict(lambda_preserve=0.0, lambda_rsc=0.0),
+    "L_esd + L_attn + L_lora": dict(lambda_rsc=0.0),
+    "L_esd + L_attn + L_rsc": dict(lambda_preserve=0.0),
+    "all (EraseAnything)": dict(),
+}
+
+
+class SuppressedWorld:
+    """The base world whose sampler removes the concept word's columns in every block (deterministic baseline)."""
+
+    def __init__(self, world, word):
+        self.world, self.word = world, word
+
+    def __getattr__(self, name):
+        return getattr(self.world, name)
+
+    def sample(self, prompts, seed=0, transformer=None, **kw):
+        from erase_core.tokens import word_token_indices
+
+        try:
+            idx = [word_token_indices(self.world.tokenizer, p, self.word) for p in prompts]
+        except ValueError:
+            return self.world.sample(prompts, seed=seed, **kw)
+        tr = self.world.transformer
+        blocks = [f"double.{i}" for i in range(len(tr.transformer_blocks))] + \
+                 [f"single.{i}" for i in range(len(tr.single_transformer_blocks))]
+        with AttentionPatch(tr, idx, capture=False, suppress=0.0, blocks=[], suppress_blocks=blocks) as patch:
+            return self.world.sample(prompts, seed=seed, patch=patch, **kw)
+
+
+def row(name: str, method: str, m: EraseMetrics, base: EraseMetrics, seconds: float) -> dict:
+    return {"concept": name, "category": CONCEPTS[name].category, "method": method, "acc_e": m.acc_e,
+            "acc_ir": m.acc_ir, "acc_ir_of_base": 100 * m.acc_ir / max(base.acc_ir, 1e-9), "acc_g": m.acc_g,
+            "h_o": m.h_o, "seconds": seconds, "per_prompt": m.per_prompt}
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    out = [f"### {title}", "", "| concept | category | method | Acc_e ↓ | Acc_ir ↑ (% of base) | Acc_g ↓ | H_o ↑ | train s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['concept']} | {r['category']} | {r['method']} | {r['acc_e']:.1f} | {r['acc_ir']:.1f} "
+                   f"({r['acc_ir_of_base']:.0f}%) | {r['acc_g']:.1f} | {r['h_o']:.1f} | {r['seconds']:.0f} |")
+    methods = sorted({r["method"] for r in rows}, key=[r["method"] for r in rows].index)
+    out += ["", "| method | mean Acc_e | mean Acc_ir (% of base) | mean Acc_g | mean H_o |", "|---|---|---|---|---|"]
+    for mth in methods:
+        rs = [r for r in rows if r["method"] == mth]
+        mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        out.append(f"| {mth} | {mean('acc_e'):.1f} | {mean('acc_ir'):.1f} ({mean('acc_ir_of_base'):.0f}%) | "
+                   f"{mean('acc_g'):.1f} | {mean('h_o'):.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--concepts", default="circle,star,red,blue,west,northeast")
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--ablation", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results/erase"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    world = SandboxWorld.load()
+    rows, ablation_rows = [], []
+    for name in args.concepts.split(","):
+        cs = sandbox_concept_set(name)
+        base = evaluate_erasure(world, name, samples=args.samples)
+        rows.append(row(name, "base model", base, base, 0.0))
+        sup = evaluate_erasure(SuppressedWorld(world, name), name, samples=args.samples)
+        rows.append(row(name, "attention suppression", sup, base, 0.0))
+        models = {}
+        for method in ("esd", "ca", "eraseanything"):
+            t = time.time()
+            res = erase(world, cs, EraseConfig(method=method, steps=args.steps))
+            m = evaluate_erasure(world, name, transformer=res.model, samples=args.samples)
+            rows.append(row(name, method, m, base, time.time() - t))
+            models[method] = res.model
+        prompt = concept_prompt(name, CONCEPTS[name].axis)
+        tiles = [render.to_pil(im, 3) for im in world.sample([prompt] * 8, seed=5)]
+        for method, model in models.items():
+            tiles += [render.to_pil(im, 3) for im in world.sample([prompt] * 8, seed=5, transformer=model)]
+        render.grid(tiles, cols=8, row_labels=["base", *models], title=f"'{prompt}' before/after").save(
+            args.out / f"grid_{name}.png")
+        if args.ablation:
+            for label, kw in ABLATION.items():
+                t = time.time()
+                res = erase(world, cs, EraseConfig(steps=args.steps, **kw))
+                m = evaluate_erasure(world, name, transformer=res.model, samples=args.samples)
+                ablation_rows.append(row(name, label, m, base, time.time() - t))
+        atomic_write_text(args.out / "table.json", json.dumps({"rows": rows, "ablation": ablation_rows}, indent=2))
+    md = markdown(rows, f"Erasure on the sandbox ({args.samples} samples per prompt, {args.steps} steps)")
+    if ablation_rows:
+        md += "\n" + markdown(ablation_rows, "Ablation over the loss terms")
+    atomic_write_text(args.out / "table.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The erase trainer on the shipped sandbox: what it updates, what it freezes, and that it erases."""
+import copy
+import random
+
+import pytest
+import torch
+
+from erase_core.concepts import ConceptSet
+from erase_core.evaluate import found_rate
+from erase_core.lora import apply_lora, read_lora, save_lora, teacher_mode
+from erase_core.sandbox.erase_sets import sandbox_concept_set
+from erase_core.tokens import shuffle_words, tokenize_with_offsets
+from erase_core.train import EraseConfig, Eraser, NonFiniteLoss, erase
+
+SMALL = dict(steps=2, batch=4, base_samples=4, preserve_images=1)
+
+
+def test_config_validates_itself():
+    with pytest.raises(ValueError, match="method='uce'"):
+        EraseConfig(method="uce")
+    with pytest.raises(ValueError, match="t_range"):
+        EraseConfig(t_range=(0.8, 0.2))
+    with pytest.raises(ValueError, match="rank=0"):
+        EraseConfig(rank=0)
+    with pytest.raises(ValueError, match="lambda_attn=-1"):
+        EraseConfig(lambda_attn=-1)
+
+
+def test_concept_set_checks_prompts():
+    with pytest.raises(ValueError, match="must contain the word 'red'"):
+        ConceptSet("red", ("a blue circle",))
+    with pytest.raises(ValueError, match="empty"):
+        ConceptSet(" ", ("a circle",))
+    assert ConceptSet("red", ("a red circle",)).substitute("a Red circle", "") == "a circle"
+
+
+def test_only_lora_parameters_change_and_teacher_is_the_base(world):
+    base_sd = {k: v.clone() for k, v in world.transformer.state_dict().items()}
+    er = Eraser(world, sandbox_concept_set("red"), EraseConfig(**SMALL))
+    before = {n: p.detach().clone() for n, p in er.model.named_parameters()}
+    er.train()
+    changed = {n for n, p in er.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in er.model.named_parameters())
+    # the world's own model is untouched, and the teacher (LoRA off) equals it exactly
+    assert all(torch.equal(v, base_sd[k]) for k, v in world.transformer.state_dict().items())
+    x = world.noise(2, 0)
+    t = torch.tensor([0.5, 0.9])
+    text = world.encode(["a red circle", "a blue star"])
+    with torch.no_grad():
+        ref = world.backend().velocity(x, t, text)
+        with teacher_mode(er.model, er.params):
+            teacher = er.backend.velocity(x, t, text)
+        student = er.backend.velocity(x, t, text)
+    assert torch.equal(teacher, ref)
+    assert (student - ref).abs().max() > 0
+    assert all(p.requires_grad for p in er.params)
+
+
+def test_indices_are_recomputed_after_shuffling(world):
+    rng = random.Random(0)
+    for _ in range(20):
+        prompt = shuffle_words("a red circle in the northwest", rng)
+        tp = tokenize_with_offsets(world.tokenizer, prompt)
+        for word in ("red", "northwest"):
+            idx = world.token_indices(prompt, word)
+            assert "".join(tp.tokens[i] for i in idx).replace("▁", "") == word
+
+
+def test_deterministic_under_seed(world):
+    a = erase(world, sandbox_concept_set("red"), EraseConfig(**SMALL, seed=3)).model
+    b = erase(world, sandbox_concept_set("red"), EraseConfig(**SMALL, seed=3)).model
+    pa = {n: p for n, p in a.named_parameters() if "lora_" in n}
+    pb = {n: p for n, p in b.named_parameters() if "lora_" in n}
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_nan_stops_with_a_clear_error(world):
+    er = Eraser(world, sandbox_concept_set("red"), EraseConfig(**SMALL))
+    with torch.no_grad():
+        er.params[0].fill_(float("nan"))
+        er.params[1].fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="lower lr"):
+        er.train()
+
+
+def test_baselines_run_and_count_forwards(world):
+    for method in ("esd", "ca"):
+        res = erase(world, sandbox_concept_set("circle"), EraseConfig(method=method, **SMALL))
+        assert res.forwards["student"] == 2 * 4
+        assert set(res.history[-1].losses) == {"esd" if method == "esd" else "ca"}
+    res = erase(world, sandbox_concept_set("circle"), EraseConfig(**SMALL))
+    assert set(res.history[-1].losses) == {"esd", "attn", "preserve", "rsc"}
+
+
+def test_interrupt_stops_early(world):
+    calls = []
+    res = erase(world, sandbox_concept_set("red"), EraseConfig(**{**SMALL, "steps": 5}),
+                should_stop=lambda: len(calls) >= 2, progress=calls.append)
+    assert res.interrupted and len(res.history) == 2
+
+
+def test_saved_lora_reloads_to_identical_outputs(world, tmp_path):
+    res = erase(world, sandbox_concept_set("red"), EraseConfig(**SMALL))
+    path = save_lora(res.model, tmp_path / "red.safetensors", {"concept": "red"})
+    tensors, meta = read_lora(path)
+    assert all(k.startswith("transformer.transformer_blocks.") for k in tensors)
+    assert meta["erase_flux"]["concept"] == "red"
+    with pytest.raises(FileExistsError):
+        save_lora(res.model, path, {})
+    loaded = apply_lora(copy.deepcopy(world.transformer), path)
+    x, t = world.noise(2, 1), torch.tensor([0.3, 0.7])
+    text = world.encode(["a red circle", "a red star"])
+    with torch.no_grad():
+        torch.testing.assert_close(world.backend(loaded).velocity(x, t, text),
+                                   world.backend(res.model).velocity(x, t, text), rtol=0, atol=1e-6)
+
+
+def test_short_erase_lowers_acc_e(world):
+    cfg = EraseConfig(steps=40, batch=8, base_samples=16, preserve_images=2)
+    res = erase(world, sandbox_concept_set("red"), cfg)
+    before = found_rate(world, "a red shape", "red", 32, seed=99)
+    after = found_rate(world, "a red shape", "red", 32, seed=99, transformer=res.model)
+    assert before >= 80 and after <= before - 40, (before, after)
+
+
+def test_interrupt_keeps_a_checkpoint_that_resumes_exactly(world, tmp_path):
+    cfg = EraseConfig(**{**SMALL, "steps": 4}, seed=5)
+    straight = erase(world, sandbox_concept_set("red"), cfg).model
+    ckpt = tmp_path / "erase.ckpt"
+    calls = []
+    first = erase(world, sandbox_concept_set("red"), cfg, should_stop=lambda: len(calls) >= 2,
+                  progress=calls.append, checkpoint_path=ckpt)
+    assert first.interrupted and ckpt.exists()
+    resumed = Eraser(world, sandbox_concept_set("red"), cfg).train(checkpoint_path=ckpt, resume=True)
+    assert [h.step for h in resumed.history] == [2, 3]
+    a = {n: p for n, p in straight.named_parameters() if "lora_" in n}
+    b = {n: p for n, p in resumed.model.named_parameters() if "lora_" in n}
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    with pytest.raises(ValueError, match="another config"):
+        Eraser(world, sandbox_concept_set("red"), EraseConfig(**{**SMALL, "steps": 4}, seed=6)).train(
+            checkpoint_path=ckpt, resume=True)
