@@ -53,7 +53,8 @@ class SuppressedWorld:
         tr = self.world.transformer
         blocks = [f"double.{i}" for i in range(len(tr.transformer_blocks))] + \
                  [f"single.{i}" for i in range(len(tr.single_transformer_blocks))]
-        with AttentionPatch(tr, idx, capture=False, suppress=0.0, blocks=[], suppress_blocks=blocks) as patch:
+        with AttentionPatch(tr, idx, capture=False, suppress=0.0, blocks=[], suppress_blocks=blocks,
+                            suppress_rows="all") as patch:
             return self.world.sample(prompts, seed=seed, patch=patch, **kw)
 
 

@@ -45,7 +45,7 @@ def attack_prompts(concept: str, seed: int = 0) -> list[AttackPrompt]:
 
 
 def suppressed_rate(world: SandboxWorld, prompt: str, word: str, samples: int, seed: int,
-                    blocks: list[str]) -> tuple[float, list[int], torch.Tensor]:
+                    blocks: list[str], rows: str = "all") -> tuple[float, list[int], torch.Tensor]:
     """Rate at which the concept is drawn when ``word``'s columns are removed (if the word is in the prompt)."""
     try:
         idx = word_token_indices(world.tokenizer, prompt, word)
@@ -53,7 +53,7 @@ def suppressed_rate(world: SandboxWorld, prompt: str, word: str, samples: int, s
         idx = []  # the word is not in the prompt: the deterministic erasure has nothing to delete
     if idx:
         with AttentionPatch(world.transformer, idx, capture=False, suppress=0.0, blocks=[],
-                            suppress_blocks=blocks) as patch:
+                            suppress_blocks=blocks, suppress_rows=rows) as patch:
             imgs = world.sample([prompt] * samples, seed=seed, patch=patch)
     else:
         imgs = world.sample([prompt] * samples, seed=seed)

@@ -148,3 +148,28 @@ def test_ids_layout():
     assert ids.shape == (6, 3) and ids[:, 0].abs().sum() == 0
     assert ids[4].tolist() == [0, 1, 1]
     assert text_ids(5).abs().sum() == 0
+
+
+def test_suppression_bias_rows():
+    from erase_core.flux.attention import suppression_bias
+
+    idx, valid = torch.tensor([[1]]), torch.tensor([[True]])
+    img = suppression_bias(idx, valid, n_txt=3, n_img=2, scale=0.0, dtype=torch.float32, rows="image")[0, 0]
+    assert torch.isinf(img[3:, 1]).all() and not torch.isinf(img[:3]).any()
+    full = suppression_bias(idx, valid, n_txt=3, n_img=2, scale=0.0, dtype=torch.float32, rows="all")[0, 0]
+    assert torch.isinf(full[:, 1]).sum() == 4 and full[1, 1] == 0  # every query but the word's own token
+    half = suppression_bias(idx, valid, n_txt=3, n_img=2, scale=0.5, dtype=torch.float32)[0, 0]
+    assert torch.allclose(half[3:, 1], torch.tensor(math.log(0.5)))
+
+
+def test_deleting_columns_for_all_rows_differs_from_image_rows_only(flux, flux_inputs):
+    x, t, text = flux_inputs
+    be = DiffusersFlux(flux, (8, 8))
+    with torch.no_grad():
+        with AttentionPatch(flux, [2, 3], capture=False, suppress=0.0, suppress_rows="image"):
+            img_only = be.velocity(x, t, text)
+        with AttentionPatch(flux, [2, 3], capture=False, suppress=0.0, suppress_rows="all") as patch:
+            every = be.velocity(x, t, text)
+    assert (img_only - every).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="suppress_rows='text'"):
+        AttentionPatch(flux, [1], suppress=0.0, suppress_rows="text")

@@ -113,3 +113,13 @@ def test_shipped_classifier_is_accurate(world):
 def test_scene_labels_index_axes():
     s = random_scene(random.Random(0), shape="star", colour="pink", placement="center")
     assert [AXES[a][i] for a, i in zip(AXES, s.labels())] == ["star", "pink", "center"]
+
+
+def test_text_encoder_keeps_a_word_in_its_own_tokens(world):
+    """Changing one word changes only that word's token outputs (attention within words), as erasure assumes."""
+    a = world.tokenize(["a red circle in the west"])
+    b = world.tokenize(["a red circle in the east"])
+    with torch.no_grad():
+        diff = (world.text_encoder.sequence(a) - world.text_encoder.sequence(b)).abs().amax(-1)[0]
+    changed = (diff > 0).nonzero().flatten().tolist()
+    assert changed == world.token_indices("a red circle in the west", "west")

@@ -6,9 +6,9 @@ Flux's blocks attend over one joint sequence with the text tokens first. For an 
 
 and the map of a token j is P[:, j] laid out on the latent grid, averaged over heads. :class:`AttentionPatch` wraps the
 attention processors of chosen blocks. Capture recomputes q and k from the block's own projections beside the
-untouched original processor, so the model output stays bit-identical. Suppression multiplies the chosen columns of the
-image-query rows by ``scale`` before renormalisation, as an additive log-mask (``scale = 0`` removes them: the
-deterministic attention-map erasure of EraseAnything Sec. 3).
+untouched original processor, so the model output stays bit-identical. Suppression multiplies the chosen columns by
+``scale`` before renormalisation, as an additive log-mask (``scale = 0`` deletes them: the deterministic attention-map
+erasure of EraseAnything Sec. 3), for every query by default (no token can pass the word on) or image queries only.
 """
 from __future__ import annotations
 
@@ -43,14 +43,27 @@ def selection_tensor(tokens: TokenSelection, batch: int, n_txt: int, device=None
 
 
 def suppression_bias(idx: torch.Tensor, valid: torch.Tensor, n_txt: int, n_img: int, scale: float,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (B, 1, S, S): ``log(scale)`` on image-query rows × chosen text columns, 0 elsewhere."""
+                     dtype: torch.dtype, rows: str = "image") -> torch.Tensor:
+    """Additive mask (B, 1, S, S): ``log(scale)`` on the chosen text columns, 0 elsewhere.
+
+    ``rows="image"`` acts on image queries only (image→text attention); ``rows="all"`` deletes the columns for every
+    query, so that no text token can pass the word on either (the word's own rows keep their self-attention).
+    """
     b, s = idx.shape[0], n_txt + n_img
     value = math.log(scale) if scale > 0 else float("-inf")
     cols = torch.zeros(b, s, dtype=dtype, device=idx.device)
     cols.scatter_(1, idx, torch.where(valid, value, 0.0).to(dtype))
     bias = torch.zeros(b, 1, s, s, dtype=dtype, device=idx.device)
-    bias[:, 0, n_txt:, :] = cols[:, None, :]
+    if rows == "image":
+        bias[:, 0, n_txt:, :] = cols[:, None, :]
+    elif rows == "all":
+        bias[:, 0, :, :] = cols[:, None, :]
+        own = torch.zeros(b, s, dtype=torch.bool, device=idx.device)
+        own.scatter_(1, idx, valid)
+        diag = torch.arange(s, device=idx.device)
+        bias[:, 0, diag, diag] = torch.where(own, 0.0, bias[:, 0, diag, diag])  # the word's tokens see themselves
+    else:
+        raise ValueError(f"rows={rows!r} must be 'image' or 'all'")
     return bias
 
 
@@ -133,6 +146,7 @@ class AttentionPatch:
         blocks: block names ``"double.i"`` / ``"single.i"``; default every dual-stream block.
         capture: record maps; ``keep_grad`` keeps them differentiable (for training losses).
         suppress: ``None`` or a scale in [0, 1) applied to the chosen columns (0 zeroes them).
+        suppress_rows: ``"image"`` (image queries only) or ``"all"`` (every query: the column is deleted).
         suppress_blocks: where suppression acts (default: the same blocks).
         grid: latent token grid (h, w) for reshaping maps; default square.
         query_chunk: image queries per chunk when computing maps (bounds memory).
@@ -144,7 +158,7 @@ class AttentionPatch:
     def __init__(self, model: nn.Module, tokens: TokenSelection, blocks: Sequence[str] | None = None,
                  capture: bool = True, keep_grad: bool = False, suppress: float | None = None,
                  suppress_blocks: Sequence[str] | None = None, grid: tuple[int, int] | None = None,
-                 query_chunk: int = 1024):
+                 query_chunk: int = 1024, suppress_rows: str = "all"):
         self.inner = unwrap(model)
         n_double, n_single = len(self.inner.transformer_blocks), len(self.inner.single_transformer_blocks)
         known = [f"double.{i}" for i in range(n_double)] + [f"single.{i}" for i in range(n_single)]
@@ -157,6 +171,9 @@ class AttentionPatch:
             raise ValueError(f"suppress={suppress} must be in [0, 1): the factor on the chosen columns (0 removes them)")
         if query_chunk < 1:
             raise ValueError(f"query_chunk={query_chunk} must be ≥ 1")
+        if suppress_rows not in ("image", "all"):
+            raise ValueError(f"suppress_rows={suppress_rows!r} must be 'image' (image queries) or 'all' (every query)")
+        self.suppress_rows = suppress_rows
         self.tokens = tokens
         self.capture, self.keep_grad, self.suppress = capture, keep_grad, suppress
         self.query_chunk = query_chunk
@@ -201,7 +218,7 @@ class AttentionPatch:
         idx, valid = selection_tensor(self.tokens, hidden.shape[0], n_txt, hidden.device)
         bias = None
         if self.suppress is not None and name in self.suppress_blocks:
-            bias = suppression_bias(idx, valid, n_txt, n_img, self.suppress, hidden.dtype)
+            bias = suppression_bias(idx, valid, n_txt, n_img, self.suppress, hidden.dtype, self.suppress_rows)
             if mask is not None:
                 bias = bias + (mask if mask.dtype != torch.bool else torch.where(mask, 0.0, float("-inf")).to(bias))
             mask = bias

@@ -49,10 +49,17 @@ class SandboxConfig:
 
 
 class TextEncoder(nn.Module):
-    """Token sequence (T5 role, ``(B, L, text_dim)``) and a pooled vector (CLIP role, ``(B, pooled_dim)``)."""
+    """Token sequence (T5 role, ``(B, L, text_dim)``) and a pooled vector (CLIP role, ``(B, pooled_dim)``).
+
+    Self-attention is restricted to the pieces of one word (a piece starting with ``▁`` or a special token starts a
+    word), so sub-word pieces and misspellings merge into a word's meaning while a word's meaning stays in its own
+    tokens, as the erasure methods assume of T5 (deleting a word's columns deletes the word). Context between
+    words is left to the denoiser's joint attention, and the pooled vector summarises the whole prompt.
+    """
 
     def __init__(self, cfg: SandboxConfig):
         super().__init__()
+        self.register_buffer("word_start", torch.ones(cfg.vocab_size, dtype=torch.bool))
         self.embed = nn.Embedding(cfg.vocab_size, cfg.text_dim)
         self.pos = nn.Parameter(torch.zeros(cfg.max_tokens, cfg.text_dim))
         layer = nn.TransformerEncoderLayer(cfg.text_dim, nhead=4, dim_feedforward=2 * cfg.text_dim, dropout=0.0,
@@ -62,8 +69,20 @@ class TextEncoder(nn.Module):
         self.pool_embed = nn.Embedding(cfg.vocab_size, cfg.text_dim)
         self.pool_mlp = nn.Sequential(nn.Linear(cfg.text_dim, cfg.text_dim), nn.GELU(), nn.Linear(cfg.text_dim, cfg.pooled_dim))
 
+    def set_vocabulary(self, pieces: list[str]) -> None:
+        """Mark which vocabulary pieces start a word (``▁``-prefixed pieces and special tokens)."""
+        starts = [p.startswith("▁") or (p.startswith("<") and p.endswith(">")) for p in pieces]
+        self.word_start.copy_(torch.tensor(starts, dtype=torch.bool))
+
+    def word_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B·heads, L, L) additive mask: 0 within a word, -inf across words."""
+        word = torch.cumsum(self.word_start[ids].long(), dim=1)  # (B, L) word index of each token
+        same = word[:, :, None] == word[:, None, :]
+        mask = torch.zeros(same.shape, dtype=self.pos.dtype, device=ids.device).masked_fill(~same, float("-inf"))
+        return mask.repeat_interleave(self.layers.layers[0].self_attn.num_heads, dim=0)
+
     def sequence(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.layers(self.embed(ids) + self.pos[: ids.shape[1]]))
+        return self.norm(self.layers(self.embed(ids) + self.pos[: ids.shape[1]], mask=self.word_mask(ids)))
 
     def pooled(self, ids: torch.Tensor) -> torch.Tensor:
         mask = (ids > 1).float().unsqueeze(-1)  # bag of real tokens (no pad/eos)

@@ -138,6 +138,8 @@ def train_flux(cfg: SandboxConfig, tc: SandboxTrainConfig, tokenizer, ae: AutoEn
     torch.manual_seed(tc.seed + 2)
     rng = random.Random(tc.seed + 2)
     te = TextEncoder(cfg)
+    vocab = tokenizer.get_vocab()
+    te.set_vocabulary([p for p, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
     tr = FluxTransformer2DModel(**cfg.transformer_kwargs())
     params = list(te.parameters()) + list(tr.parameters())
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.01, betas=(0.9, 0.99))
