@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "erase_core/sandbox/weights)")
     t.add_argument("--seed", type=int, default=0, help="random seed of every stage")
     t.add_argument("--flux-steps", type=_positive_int, default=None, help="denoiser training steps (default 4000)")
+    t.add_argument("--t-mean", type=float, default=None,
+                   help="logit-normal location of training times (default 0; >0 favours high noise)")
     t.add_argument("--stages", default="tokenizer,autoencoder,classifier,flux",
                    help="comma-separated stages to run (later stages reuse earlier files in --out)")
     c = sbs.add_parser("check", help="the base-model quality bar: concept found in generated samples, per prompt")
@@ -119,6 +121,8 @@ def _cmd_sandbox(args) -> int:
         kw = {"seed": args.seed}
         if args.flux_steps:
             kw["flux_steps"] = args.flux_steps
+        if args.t_mean is not None:
+            kw["t_mean"] = args.t_mean
         report = train_sandbox(args.out, SandboxTrainConfig(**kw), stages=tuple(args.stages.split(",")))
         print(json.dumps(report, indent=2))
         return 0

@@ -90,7 +90,7 @@ def run_demo(out: str | Path, samples: int = 64, seed: int = 7, concepts=DEMO_CO
     lines += ["## Attention inspection", ""]
     for prompt, word in (("a red circle in the west", "red"), ("a red circle in the west", "circle"),
                          ("a red circle in the west", "west")):
-        ins = inspect_sandbox(world, prompt, word, seed=seed)
+        ins = inspect_sandbox(world, prompt, word, seed=seed, steps=[0, 3, 6, 9, 11])
         name = f"inspect_{word}.png"
         inspection_grid(ins).save(out / name)
         atomic_write_text(out / f"inspect_{word}.json", json.dumps(ins.to_json(), indent=2))

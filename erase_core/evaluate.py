@@ -53,13 +53,14 @@ class EraseMetrics:
 
 
 @torch.no_grad()
-def found_rate(world, prompt: str, name: str, samples: int, seed: int, transformer=None, batch: int = 128) -> float:
+def found_rate(world, prompt: str, name: str, samples: int, seed: int, transformer=None, batch: int = 128,
+               **sample_kw) -> float:
     """Percent of samples of ``prompt`` in which the classifier finds concept ``name``."""
     axis = CONCEPTS[name].axis
     hits = 0
     for start in range(0, samples, batch):
         n = min(batch, samples - start)
-        imgs = world.sample([prompt] * n, seed=seed + start, transformer=transformer)
+        imgs = world.sample([prompt] * n, seed=seed + start, transformer=transformer, **sample_kw)
         hits += sum(v == name for v in world.classify(imgs)[axis])
     return 100.0 * hits / samples
 

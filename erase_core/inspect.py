@@ -74,7 +74,7 @@ def inspection_grid(ins: Inspection, scale: int = 4, image_index: int = 0) -> Im
     big = torch.nn.functional.interpolate(img[None], size=(size, size), mode="nearest")[0]
     per_step = {s: ins.captured.mean(ins.blocks, [s])[image_index] for s in ins.steps}  # (K, h, w)
     mean = ins.captured.mean(ins.blocks, ins.steps)[image_index]
-    rows = [(tok, k) for k, tok in enumerate(ins.tokens)] + [(f"'{ins.word}'", None)]
+    rows = [(tok.replace("▁", "_"), k) for k, tok in enumerate(ins.tokens)] + [(f"'{ins.word}'", None)]
     tiles, labels = [], []
     vmax = float(torch.stack([m.sum(0) for m in per_step.values()]).max())
     for _, k in rows:

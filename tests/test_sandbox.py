@@ -89,17 +89,29 @@ def test_training_pipeline_smoke(tmp_path):
 
 
 def test_shipped_world_draws_what_it_is_asked(world):
-    """Fast smoke on the shipped weights; the full quality bar is `python -m erase_core sandbox check`."""
-    for prompt, axis, want in [("a red shape", "colour", "red"), ("a circle", "shape", "circle"),
-                               ("a shape in the west", "placement", "west"), ("the sun", "shape", "circle")]:
+    """Fast smoke on the shipped weights (colours, placements, a synonym, an associated prompt's colour).
+
+    The full quality bar over all 88 probe prompts is `test_quality_bar` (slow) / `sandbox check`."""
+    for prompt, axis, want in [("a red shape", "colour", "red"), ("a shape in the west", "placement", "west"),
+                               ("a shape in the upperright", "placement", "northeast"),
+                               ("a azure shape", "colour", "blue"), ("the sun", "colour", "yellow")]:
         verdict = world.classify(world.sample([prompt] * 16, seed=5))[axis]
         assert sum(v == want for v in verdict) >= 13, (prompt, verdict)
+
+
+@pytest.mark.slow
+def test_quality_bar(world):
+    """Issue acceptance: every concept, synonym and associated prompt found in ≥ 90 % of 64 samples."""
+    from erase_core.sandbox.check import quality_table
+
+    failing = [(r.probe.prompt, r.found) for r in quality_table(world, samples=64) if r.found < 0.9]
+    assert not failing, failing
 
 
 def test_shipped_world_is_deterministic_and_seed_per_sample(world):
     a = world.sample(["a blue square"] * 3, seed=11, steps=4)
     b = world.sample(["a blue square"], seed=12, steps=4)
-    assert torch.allclose(a[1], b[0], atol=1e-5)
+    assert torch.allclose(a[1], b[0], atol=1e-4)
     assert (a[0] - a[1]).abs().mean() > 1e-3
 
 

@@ -84,3 +84,19 @@ def test_sandbox_tokenizer_splits_some_concept_words(world):
     multi = [w for w in ("northwest", "cruciform", "tangerine", "turquoise", "lozenge")
              if len(word_token_indices(world.tokenizer, f"a {w}", w)) > 1]
     assert len(multi) >= 3
+
+
+def test_transformers_t5_tokenizer_layout(t5like):
+    """Flux's T5 tokenizer class (transformers' T5Tokenizer, here with the unigram vocab trained above)."""
+    from transformers import T5Tokenizer
+
+    import json
+
+    vocab = [tuple(x) for x in json.loads(t5like.to_str())["model"]["vocab"]]
+    t5 = T5Tokenizer(vocab=vocab, extra_ids=0)
+    prompt = "A scarlet orb to the north, a scarlet disc"
+    idx = word_token_indices(t5, prompt, "scarlet")
+    tp = tokenize_with_offsets(t5, prompt)
+    assert tp.tokens[-1] == "</s>"
+    text = "".join(tp.tokens[i] for i in idx).replace("▁", "")
+    assert text.lower() == "scarletscarlet"

@@ -117,7 +117,7 @@ def test_saved_lora_reloads_to_identical_outputs(world, tmp_path):
 
 
 def test_short_erase_lowers_acc_e(world):
-    cfg = EraseConfig(steps=40, batch=8, base_samples=16, preserve_images=2)
+    cfg = EraseConfig(steps=60, lr=1e-2, batch=8, base_samples=16, preserve_images=2)
     res = erase(world, sandbox_concept_set("red"), cfg)
     before = found_rate(world, "a red shape", "red", 32, seed=99)
     after = found_rate(world, "a red shape", "red", 32, seed=99, transformer=res.model)
@@ -140,3 +140,19 @@ def test_interrupt_keeps_a_checkpoint_that_resumes_exactly(world, tmp_path):
     with pytest.raises(ValueError, match="another config"):
         Eraser(world, sandbox_concept_set("red"), EraseConfig(**{**SMALL, "steps": 4}, seed=6)).train(
             checkpoint_path=ckpt, resume=True)
+
+
+def test_cli_erase_then_evaluate(world, tmp_path, capsys):
+    import json
+
+    from erase_core.cli import main
+
+    out = tmp_path / "red.safetensors"
+    assert main(["erase", "--concept", "crimson", "--steps", "2", "--out", str(out)]) == 0
+    assert read_lora(out)[1]["erase_flux"]["concept"] == "red"
+    assert main(["erase", "--concept", "red", "--steps", "2", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["evaluate", "--lora", str(out), "--concept", "red", "--samples", "4", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"acc_e", "acc_ir", "acc_g", "h_o"} <= set(metrics)
+    assert main(["erase", "--concept", "giraffe", "--out", str(tmp_path / "g.safetensors")]) == 2

@@ -27,10 +27,14 @@ def shifted_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def sample_timesteps(n: int, generator: torch.Generator | None = None, logit_normal: float = 0.5) -> torch.Tensor:
-    """Training times: a mix of logit-normal (weight ``logit_normal``) and uniform draws in (0, 1)."""
+def sample_timesteps(n: int, generator: torch.Generator | None = None, logit_normal: float = 0.5,
+                     mean: float = 0.0) -> torch.Tensor:
+    """Training times: a mix of logit-normal(``mean``, 1) (weight ``logit_normal``) and uniform draws in (0, 1).
+
+    A positive ``mean`` favours high noise, where the coarse layout (which shape) is decided.
+    """
     u = torch.rand(n, generator=generator)
-    ln = torch.sigmoid(torch.randn(n, generator=generator))
+    ln = torch.sigmoid(torch.randn(n, generator=generator) + mean)
     pick = torch.rand(n, generator=generator) < logit_normal
     return torch.where(pick, ln, u).clamp(1e-4, 1 - 1e-4)
 

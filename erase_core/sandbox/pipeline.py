@@ -85,7 +85,7 @@ class SandboxWorld:
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], seed: int = 0, steps: int = 12, cfg_scale: float = 3.0,
                        transformer=None, callback: Callable[[int, torch.Tensor], None] | None = None,
-                       text: TextCond | None = None, patch=None) -> torch.Tensor:
+                       text: TextCond | None = None, patch=None, shift: float = 1.0) -> torch.Tensor:
         """Packed latents (B, N, 4C) from the Euler sampler with classifier-free guidance.
 
         ``patch`` (an active :class:`~erase_core.flux.attention.AttentionPatch`) sees only the conditional passes.
@@ -105,7 +105,7 @@ class SandboxWorld:
                 patch.active = True
             return v_u + cfg_scale * (v_c - v_u)
 
-        return euler(velocity, self.noise(len(cond), seed), shifted_sigmas(steps), callback)
+        return euler(velocity, self.noise(len(cond), seed), shifted_sigmas(steps, shift), callback)
 
     def sample(self, prompts: list[str], seed: int = 0, **kw) -> torch.Tensor:
         """Generate one image per prompt (B, 3, H, W); keywords as :meth:`sample_latents`."""

@@ -45,6 +45,7 @@ class SandboxTrainConfig:
     ema: float = 0.999
     pooled_dropout: float = 0.5  # the CLIP-role vector is replaced by the empty prompt's this often
     null_prompt: float = 0.1  # the whole prompt is dropped (for classifier-free guidance)
+    t_mean: float = 0.0  # logit-normal location of training times (>0 favours high noise)
     log_every: int = 50
     checkpoint_every: int = 500
 
@@ -64,25 +65,34 @@ def scene_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, dict[str, tor
     return imgs, {axis: labels[:, i] for i, axis in enumerate(AXES)}
 
 
+def _fit(module: torch.nn.Module, steps: int, lr: float, loss_fn, name: str, log_every: int,
+         weight_decay: float = 0.0) -> None:
+    """AdamW with a cosine learning rate over ``steps`` calls of ``loss_fn()``."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    for step in range(steps):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        if step % log_every == 0:
+            log.info("%s step %d loss %.4f", name, step, loss.item())
+
+
 def train_autoencoder(cfg: SandboxConfig, tc: SandboxTrainConfig) -> AutoEncoder:
     """Reconstruction with latent noise and a small latent penalty, so the latent is smooth and the decoder robust."""
     torch.manual_seed(tc.seed)
     rng = random.Random(tc.seed)
     ae = AutoEncoder(cfg)
-    opt = torch.optim.AdamW(ae.parameters(), lr=2e-3, weight_decay=0.0)
-    for step in range(tc.ae_steps):
+
+    def loss_fn() -> torch.Tensor:
         imgs, _ = scene_batch(rng, tc.ae_batch)
         z = ae.encode_raw(imgs)
-        z_noisy = z + 0.1 * z.detach().std() * torch.randn_like(z)
-        rec = ae.decode_raw(z_noisy)
-        loss = F.l1_loss(rec, imgs) + F.mse_loss(rec, imgs) + 1e-3 * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for g in opt.param_groups:
-            g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / tc.ae_steps))
-        if step % tc.log_every == 0:
-            log.info("autoencoder step %d loss %.4f", step, loss.item())
+        rec = ae.decode_raw(z + 0.1 * z.detach().std() * torch.randn_like(z))
+        return F.l1_loss(rec, imgs) + F.mse_loss(rec, imgs) + 1e-3 * z.pow(2).mean()
+
+    _fit(ae, tc.ae_steps, 2e-3, loss_fn, "autoencoder", tc.log_every)
     ae.eval().requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([ae.encode_raw(scene_batch(rng, 256)[0]) for _ in range(8)])
@@ -95,8 +105,8 @@ def train_classifier(ae: AutoEncoder, tc: SandboxTrainConfig) -> tuple[Classifie
     torch.manual_seed(tc.seed + 1)
     rng = random.Random(tc.seed + 1)
     clf = Classifier({a: len(v) for a, v in AXES.items()})
-    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3)
-    for step in range(tc.classifier_steps):
+
+    def loss_fn() -> torch.Tensor:
         imgs, labels = scene_batch(rng, tc.batch)
         with torch.no_grad():
             q = tc.batch // 3
@@ -105,14 +115,9 @@ def train_classifier(ae: AutoEncoder, tc: SandboxTrainConfig) -> tuple[Classifie
             imgs[q:2 * q] = blur(imgs[q:2 * q], rng.uniform(0.3, 1.2))
             imgs = (imgs + rng.uniform(0.0, 0.08) * torch.randn_like(imgs)).clamp(0, 1)
         logits = clf(imgs)
-        loss = sum(F.cross_entropy(logits[a], labels[a]) for a in AXES)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for g in opt.param_groups:
-            g["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / tc.classifier_steps))
-        if step % tc.log_every == 0:
-            log.info("classifier step %d loss %.4f", step, loss.item())
+        return sum(F.cross_entropy(logits[a], labels[a]) for a in AXES)
+
+    _fit(clf, tc.classifier_steps, 2e-3, loss_fn, "classifier", tc.log_every, weight_decay=0.01)
     clf.eval().requires_grad_(False)
     return clf, classifier_accuracy(clf, seed=tc.seed + 99)
 
@@ -169,7 +174,7 @@ def train_flux(cfg: SandboxConfig, tc: SandboxTrainConfig, tokenizer, ae: AutoEn
         pooled_ids[drop] = empty_ids
         text = TextCond(te.sequence(ids), te.pooled(pooled_ids))
         noise = torch.randn_like(x0)
-        t = sample_timesteps(len(x0))
+        t = sample_timesteps(len(x0), mean=tc.t_mean)
         loss = F.mse_loss(backend.velocity(noised(x0, noise, t), t, text), flow_target(x0, noise))
         opt.zero_grad(set_to_none=True)
         loss.backward()
