@@ -23,7 +23,7 @@ from .tokens import word_token_indices
 
 log = logging.getLogger("erase_flux.demo")
 
-DEMO_CONCEPTS = ("circle", "red", "west")
+DEMO_CONCEPTS = ("red", "west", "star")
 
 
 @dataclass(frozen=True)
