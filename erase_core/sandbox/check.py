@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
 
 from .pipeline import SandboxWorld
 from .prompts import ProbePrompt, probe_prompts
@@ -21,17 +20,11 @@ class ProbeResult:
     samples: int
 
 
-@torch.no_grad()
-def concept_rate(world: SandboxWorld, prompt: str, concept: str, samples: int, seed: int, batch: int = 128,
-                 transformer=None, **sample_kw) -> float:
+def concept_rate(world: SandboxWorld, prompt: str, concept: str, samples: int, seed: int, **sample_kw) -> float:
     """Fraction of ``samples`` images of ``prompt`` in which the classifier finds ``concept`` on its axis."""
-    axis = CONCEPTS[concept].axis
-    hits = 0
-    for start in range(0, samples, batch):
-        n = min(batch, samples - start)
-        imgs = world.sample([prompt] * n, seed=seed + start, transformer=transformer, **sample_kw)
-        hits += sum(v == concept for v in world.classify(imgs)[axis])
-    return hits / samples
+    from ..evaluate import found_rate
+
+    return found_rate(world, prompt, concept, samples, seed, **sample_kw) / 100.0
 
 
 def quality_table(world: SandboxWorld, samples: int = 64, seed: int = 1000, concepts: list[str] | None = None,
