@@ -106,6 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
 
+    mg = sub.add_parser("merge", help="merge several erase-LoRAs into one (normalized, sum, concat, closed_form)")
+    mg.add_argument("loras", type=Path, nargs="+", help="LoRA files to merge (.safetensors, same base model)")
+    mg.add_argument("--weights", type=float, nargs="+", default=None,
+                    help="one weight per LoRA, in order (default 1 each; 'normalized' rescales them to sum to 1)")
+    mg.add_argument("--mode", choices=("normalized", "sum", "concat", "closed_form"), default="concat",
+                    help="normalized: Eq. 12 (diluted); sum: weighted sum at the input rank; concat: exact sum, "
+                         "ranks stacked (default); closed_form: solved per module on concept/preserve inputs")
+    mg.add_argument("--rank", type=_positive_int, default=None, help="refactor the merged LoRA to this rank (SVD)")
+    mg.add_argument("--preserve", nargs="*", default=None,
+                    help="closed_form: concepts to keep (default: every sandbox concept not being merged)")
+    mg.add_argument("--preserve-weight", type=float, default=1.0, help="closed_form: weight λ of the preserve term")
+    mg.add_argument("--out", type=Path, required=True, help="merged LoRA file to write (.safetensors)")
+    mg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    mg.add_argument("--report", type=Path, default=None,
+                    help="also write the interference report as REPORT.json and a heatmap REPORT.png")
+    mg.add_argument("--world", type=Path, default=None,
+                    help="closed_form: sandbox weights folder that provides the inputs (default: the shipped one)")
+
+    li = sub.add_parser("lora-info", help="show a LoRA file's metadata, layout and targets as JSON")
+    li.add_argument("file", type=Path, help="LoRA file (.safetensors; diffusers, kohya or ComfyUI layout)")
+
     d = sub.add_parser("demo", help="the README's main job on the sandbox: inspection, suppression and its failures")
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder for images and report.md")
     d.add_argument("--samples", type=_positive_int, default=64, help="samples per prompt for the rates")
@@ -195,6 +216,15 @@ def main(argv: list[str] | None = None) -> int:
             from .cli_erase import run
 
             return run(args)
+        if args.command == "merge":
+            from .cli_merge import run as run_merge
+
+            return run_merge(args)
+        if args.command == "lora-info":
+            from .lora_file import describe, read_lora_file
+
+            print(json.dumps(describe(read_lora_file(args.file, allow_unknown=True)), indent=2, default=str))
+            return 0
         if args.command == "demo":
             from .demo import run_demo
 

@@ -1,7 +1,7 @@
 """Erase-LoRAs on Flux through peft: attach, toggle for the frozen teacher, export in diffusers/PEFT key layout."""
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import torch
@@ -10,7 +10,8 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 from .flux.backend import unwrap
-from .io import atomic_save_safetensors
+from .lora_file import (LoraFile, LoraModule, check_against, diffusers_tensors,
+                        model_fingerprint, model_geometry, peft_metadata, read_lora, read_lora_file, write_lora_file)
 
 ADAPTER = "erase"
 DUAL_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_q", "to_k", "to_v", "to_add_out", "to_out.0")
@@ -67,57 +68,45 @@ class teacher_mode:
             p.requires_grad_(True)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA tensors with diffusers pipeline keys: ``transformer.transformer_blocks.N.attn.add_q_proj.lora_A.weight``."""
-    sd = get_peft_model_state_dict(unwrap(model), adapter_name=ADAPTER)
-    return {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in sd.items()}
+def trained_lora(model: nn.Module, metadata: dict | None = None) -> LoraFile:
+    """The attached adapter as a :class:`LoraFile` (alpha per module from its peft config)."""
+    inner = unwrap(model)
+    sd = get_peft_model_state_dict(inner, adapter_name=ADAPTER)
+    cfg = inner.peft_config[ADAPTER]
+    modules = {}
+    for key, down in sd.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0]
+        up = sd[key.replace(".lora_A.", ".lora_B.")]
+        alpha = _pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
+        modules[name] = LoraModule(down.detach().float().cpu(), up.detach().float().cpu(), float(alpha))
+    return LoraFile(modules, dict(metadata or {}))
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
 
 
 def save_lora(model: nn.Module, path: str | Path, metadata: dict, overwrite: bool = False) -> Path:
-    """Write the LoRA atomically as safetensors with ``alpha``/``rank`` and every given field in the header."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA path {path} must end in .safetensors (LoRAs are never pickles)")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True")
+    """Write the attached LoRA atomically (diffusers layout) with the metadata, geometry and base fingerprint."""
+    meta = {**metadata, "geometry": model_geometry(model), "fingerprint": model_fingerprint(model)}
+    return write_lora_file(trained_lora(model, meta), path, overwrite=overwrite)
+
+
+def apply_lora(model: nn.Module, lora: str | Path | LoraFile, adapter_name: str = ADAPTER,
+               scale: float = 1.0) -> nn.Module:
+    """Load a LoRA (file in any supported layout, or a :class:`LoraFile`) onto ``model`` in place at ``scale``.
+
+    Keys and shapes are checked against the model first; the adapter is then built by diffusers' own loader.
+    """
+    lf = read_lora_file(lora) if isinstance(lora, (str, Path)) else lora
+    check_against(lf, model, source=f"LoRA {lora}" if isinstance(lora, (str, Path)) else "LoRA")
+    folded = {k: m.folded(scale) for k, m in lf.modules.items()}
     inner = unwrap(model)
-    peft_cfg = inner.peft_config[ADAPTER]
-    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_cfg.to_dict().items()}
-    # diffusers' pipeline layout: the peft config under "transformer."-prefixed keys, so alpha survives a reload
-    header = {"format": "pt", "erase_flux": json.dumps(metadata, default=str),
-              "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in cfg.items()}, default=str)}
-    return atomic_save_safetensors(lora_state_dict(model), path, metadata=header)
-
-
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and parsed header of a LoRA file (safetensors only; nothing is unpickled)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA file {path} is not .safetensors; pickled LoRAs are refused")
-    if not path.exists():
-        raise FileNotFoundError(f"LoRA file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        header = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = {k: json.loads(v) if k in ("erase_flux", "lora_adapter_metadata") else v for k, v in header.items()}
-    return tensors, meta
-
-
-def apply_lora(model: nn.Module, path: str | Path, adapter_name: str = ADAPTER, scale: float = 1.0) -> nn.Module:
-    """Load a diffusers-layout LoRA file onto ``model`` in place (diffusers' own loader), at weight ``scale``."""
-    tensors, meta = read_lora(path)
-    inner = unwrap(model)
-    modules = dict(inner.named_modules())
-    stripped = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    for key in stripped:
-        module = key.split(".lora_")[0]
-        if module not in modules:
-            raise ValueError(f"LoRA key {key!r} of {path} targets no module of this model (made for another "
-                             "geometry?)")
-    peft_meta = meta.get("lora_adapter_metadata")
-    inner.load_lora_adapter(tensors, prefix="transformer", adapter_name=adapter_name, metadata=peft_meta)
-    if scale != 1.0:
-        inner.set_adapters([adapter_name], weights=[scale])
+    inner.load_lora_adapter(diffusers_tensors(folded), prefix="transformer", adapter_name=adapter_name,
+                            metadata=peft_metadata(folded))
     return model

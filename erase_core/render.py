@@ -97,3 +97,27 @@ def bar_chart(values: dict[str, float], title: str, width: int = 360, vmax: floa
         draw.rectangle([label_w, y + 2, label_w + int(width * min(1.0, v / top)), y + 14], fill=(200, 70, 50))
         draw.text((label_w + width + 4, y), f"{v:.3g}", fill=(0, 0, 0), font=font)
     return out
+
+
+def matrix_image(m: torch.Tensor, names: Sequence[str], title: str, cell: int = 22) -> Image.Image:
+    """A labelled heatmap of a square matrix in [0, 1] (e.g. pairwise overlap of LoRA deltas), values printed."""
+    n = m.shape[0]
+    font = _font(10)
+    label_w = max(len(s) for s in names) * 6 + 8
+    out = Image.new("RGB", (label_w + n * cell + 8, 24 + label_w + n * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    draw.text((4, 4), title, fill=(0, 0, 0), font=_font(12))
+    colours = colormap(m.float().clamp(0, 1))
+    y0 = 24 + label_w
+    for i in range(n):
+        draw.text((4, y0 + i * cell + cell // 2 - 5), names[i], fill=(0, 0, 0), font=font)
+        col = Image.new("RGB", (label_w, 12), (255, 255, 255))
+        ImageDraw.Draw(col).text((0, 0), names[i], fill=(0, 0, 0), font=font)
+        out.paste(col.rotate(90, expand=True), (label_w + i * cell + cell // 2 - 6, 24))
+        for j in range(n):
+            rgb = tuple(int(255 * v) for v in colours[:, i, j].tolist())
+            x, y = label_w + j * cell, y0 + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=rgb)
+            ink = (0, 0, 0) if sum(rgb) > 380 else (255, 255, 255)
+            draw.text((x + 2, y + cell // 2 - 5), f"{float(m[i, j]):.1f}"[-3:] if i != j else "", fill=ink, font=font)
+    return out

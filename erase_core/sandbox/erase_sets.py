@@ -42,3 +42,23 @@ def sandbox_concept_set(name: str, n_irrelevant: int = 3, seed: int = 0) -> Conc
     preserve = tuple(concept_prompt(x, c.axis) for x in same)
     return ConceptSet(word=c.name, prompts=tuple(concept_prompts(c.name, seed=seed)), synonyms=c.synonyms,
                       irrelevant=tuple(irrelevant), preserve_prompts=preserve, anchor=ANCHORS[c.axis])
+
+
+def module_inputs(world, name: str, modules: list[str], n_prompts: int = 8, times=(0.3, 0.6, 0.9),
+                  seed: int = 0):
+    """Per module, the rows it sees at the concept word's tokens over base-model samples of the concept's
+    prompts noised to ``times`` (the inputs of closed-form edits and merges)."""
+    import torch
+
+    from ..flux.collect import collect_token_inputs
+    from ..flux.flow import noised
+
+    prompts = concept_prompts(name, n=n_prompts, seed=seed)
+    text = world.encode(prompts)
+    rows = [world.token_indices(p, name) for p in prompts]
+    x0 = world.sample_latents(prompts, seed=seed, steps=8, text=text)
+    states = []
+    for i, t in enumerate(times):
+        tt = torch.full((len(prompts),), float(t))
+        states.append((noised(x0, world.noise(len(prompts), seed + 7919 * (i + 1)), tt), tt))
+    return collect_token_inputs(world.backend(), modules, text, rows, states)
