@@ -115,25 +115,29 @@ def refactor(m: LoraModule, rank: int) -> LoraModule:
     return LoraModule((core.down.double() @ qd.T).float(), (qu @ core.up.double()).float(), core.alpha)
 
 
-def closed_form_delta(deltas: list[torch.Tensor], weights: list[float], concept_inputs: list[torch.Tensor],
-                      preserve_inputs: torch.Tensor | None, preserve_weight: float, ridge: float) -> torch.Tensor:
-    """ΔW = (Σ w_i ΔW_i C_i)(Σ w_i C_i + λ C_p + μ I)⁻¹ with C = XᵀX / n (module docstring)."""
-    d_in = deltas[0].shape[1]
-    lhs = torch.zeros(d_in, d_in, dtype=torch.float64)
-    rhs = torch.zeros_like(deltas[0], dtype=torch.float64)
-    for delta, w, x in zip(deltas, weights, concept_inputs):
+def closed_form_lora(modules: list[LoraModule], weights: list[float], concept_inputs: list[torch.Tensor],
+                     preserve_inputs: torch.Tensor | None, preserve_weight: float, ridge: float) -> LoraModule:
+    """ΔW = (Σ_i w_i ΔW_i C_i) M⁻¹ with M = Σ_i w_i C_i + λ C_p + μ I and C = XᵀX / n (module docstring).
+
+    Since ΔW_i = s_i B_i A_i, ΔW = [w_1 s_1 B_1, …] · [A_1 C_1; …] M⁻¹ exactly: rank ≤ Σ r_i, no dense SVD needed.
+    """
+    d_in = modules[0].shape[1]
+    m = torch.zeros(d_in, d_in, dtype=torch.float64)
+    downs, ups = [], []
+    for mod, w, x in zip(modules, weights, concept_inputs):
         if x.shape[-1] != d_in:
             raise ValueError(f"concept inputs have width {x.shape[-1]}, the module takes {d_in}")
         c = x.double().T @ x.double() / max(1, x.shape[0])
-        lhs += w * c
-        rhs += w * delta.double() @ c
+        m += w * c
+        downs.append(mod.down.double() @ c)
+        ups.append(mod.up.double() * (w * mod.scale))
     if preserve_inputs is not None and preserve_inputs.numel() and preserve_weight > 0:
         xp = preserve_inputs.double()
-        lhs += preserve_weight * xp.T @ xp / xp.shape[0]
-    mu = ridge * max(lhs.diagonal().mean().item(), 1e-12)
-    lhs += mu * torch.eye(d_in, dtype=torch.float64)
-    # ΔW lhs = rhs; lhs is symmetric positive definite
-    return torch.linalg.solve(lhs, rhs.T).T
+        m += preserve_weight * xp.T @ xp / xp.shape[0]
+    m += ridge * max(m.diagonal().mean().item(), 1e-12) * torch.eye(d_in, dtype=torch.float64)
+    down = torch.linalg.solve(m, torch.cat(downs).T).T  # M symmetric: (A C) M⁻¹ = (M⁻¹ (A C)ᵀ)ᵀ
+    up = torch.cat(ups, dim=1)
+    return LoraModule(down.float(), up.float(), float(down.shape[0]))
 
 
 def merge(loras: list[LoraFile], config: MergeConfig, concept_inputs: list[dict[str, torch.Tensor]] | None = None,
@@ -151,14 +155,13 @@ def merge(loras: list[LoraFile], config: MergeConfig, concept_inputs: list[dict[
             missing = [i for i, ci in enumerate(concept_inputs) if key not in ci]
             if missing:
                 raise ValueError(f"closed_form merge: no inputs collected for {key} of LoRA {missing[0] + 1}")
-            delta = closed_form_delta([m.delta() for m in mods], w, [ci[key] for ci in concept_inputs],
-                                      (preserve_inputs or {}).get(key), config.preserve_weight, config.ridge)
-            rank = config.rank or min(sum(m.rank for m in mods), *delta.shape)
-            out[key] = low_rank(delta, rank)
+            solved = closed_form_lora(mods, w, [ci[key] for ci in concept_inputs], (preserve_inputs or {}).get(key),
+                                      config.preserve_weight, config.ridge)
+            out[key] = refactor(solved, config.rank or min(solved.shape))  # the cap loses nothing
             continue
         merged = stack(mods, w)
-        rank = config.rank or (max_rank if config.mode == "sum" else None)
-        out[key] = refactor(merged, rank) if rank else merged
+        rank = config.rank or (max_rank if config.mode == "sum" else min(merged.shape))
+        out[key] = refactor(merged, rank)
     meta = {"method": f"merge:{config.mode}", "merge": {
         "mode": config.mode, "weights": w, "rank": config.rank, "preserve_weight": config.preserve_weight,
         "sources": [{"name": (names or [None] * len(loras))[i], "concept": lf.meta.get("concept"),

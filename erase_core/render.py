@@ -121,3 +121,45 @@ def matrix_image(m: torch.Tensor, names: Sequence[str], title: str, cell: int = 
             ink = (0, 0, 0) if sum(rgb) > 380 else (255, 255, 255)
             draw.text((x + 2, y + cell // 2 - 5), f"{float(m[i, j]):.1f}"[-3:] if i != j else "", fill=ink, font=font)
     return out
+
+
+_SERIES = ((200, 70, 50), (40, 110, 200), (60, 160, 70), (150, 80, 180), (230, 150, 30), (90, 90, 90))
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+              size: tuple[int, int] = (420, 260), ylim: tuple[float, float] | None = None) -> Image.Image:
+    """A small line chart (e.g. loss curves, or efficacy against the number of merged LoRAs)."""
+    font = _font(11)
+    w, h = size
+    left, right, top, bottom = 48, 110, 24, 34
+    out = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    draw.text((left, 4), title, fill=(0, 0, 0), font=_font(12))
+    pts = [p for s in series.values() for p in s if all(map(lambda v: v == v, p))]
+    if not pts:
+        return out
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = ylim or (min(p[1] for p in pts), max(p[1] for p in pts))
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    pw, ph = w - left - right, h - top - bottom
+
+    def xy(p):
+        return left + (p[0] - x0) / (x1 - x0) * pw, top + (1 - (min(max(p[1], y0), y1) - y0) / (y1 - y0)) * ph
+
+    draw.rectangle([left, top, left + pw, top + ph], outline=(120, 120, 120))
+    for frac in (0.0, 0.5, 1.0):
+        yv = y0 + frac * (y1 - y0)
+        draw.text((4, top + (1 - frac) * ph - 6), f"{yv:.3g}", fill=(0, 0, 0), font=font)
+        xv = x0 + frac * (x1 - x0)
+        draw.text((left + frac * pw - 8, top + ph + 4), f"{xv:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((left + pw // 2 - 3 * len(xlabel), h - 14), xlabel, fill=(0, 0, 0), font=font)
+    draw.text((4, top - 14), ylabel, fill=(80, 80, 80), font=font)
+    for i, (name, s) in enumerate(series.items()):
+        colour = _SERIES[i % len(_SERIES)]
+        coords = [xy(p) for p in s]
+        if len(coords) > 1:
+            draw.line(coords, fill=colour, width=2)
+        for cx, cy in coords:
+            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
+        draw.text((left + pw + 8, top + 14 * i), name[:16], fill=colour, font=font)
+    return out

@@ -52,6 +52,12 @@ class EraseConfig:
     alpha: float = 8.0
     targets: tuple[str, ...] = ("add_q_proj", "add_k_proj")
     eta: float = 1.0  # ESD negative guidance
+    # ESD's reference velocity: "empty" (the paper: v(x_t, ∅)) or "without_concept" (the same prompt with the word
+    # removed, so that other words of a composite prompt are not erased along with the concept)
+    esd_negative: str = "empty"
+    # upper-level target on preserved prompts: "flow" (the paper's L_lora toward ε − x0) or "teacher" (the frozen
+    # base's velocity on the same x_t: the same minimiser, far less variance)
+    preserve_target: str = "flow"
     lambda_attn: float = 1.0
     lambda_preserve: float = 1.0
     lambda_rsc: float = 0.1
@@ -66,6 +72,10 @@ class EraseConfig:
     def __post_init__(self) -> None:
         if self.method not in ("eraseanything", "esd", "ca"):
             raise ValueError(f"method={self.method!r} is unknown; choose eraseanything, esd or ca")
+        if self.esd_negative not in ("empty", "without_concept"):
+            raise ValueError(f"esd_negative={self.esd_negative!r} is unknown; choose empty or without_concept")
+        if self.preserve_target not in ("flow", "teacher"):
+            raise ValueError(f"preserve_target={self.preserve_target!r} is unknown; choose flow or teacher")
         for name in ("steps", "inner_steps", "batch", "rank", "base_samples", "preserve_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
@@ -160,8 +170,12 @@ class Eraser:
                 anchor = self.world.encode([c.substitute(p, c.anchor) for p in prompts])
                 v_anchor = self._velocity(x_t, t, anchor, "teacher")
             else:
-                v_u = self._velocity(x_t, t, TextCond(self.empty.sequence.expand(cfg.batch, -1, -1),
-                                                      self.empty.pooled.expand(cfg.batch, -1)), "teacher")
+                if cfg.esd_negative == "without_concept":
+                    negative = self.world.encode([c.substitute(p, "") for p in prompts])
+                else:
+                    negative = TextCond(self.empty.sequence.expand(cfg.batch, -1, -1),
+                                        self.empty.pooled.expand(cfg.batch, -1))
+                v_u = self._velocity(x_t, t, negative, "teacher")
                 v_c = self._velocity(x_t, t, text, "teacher")
         out: dict[str, float] = {}
         use_attn = cfg.method == "eraseanything" and cfg.lambda_attn > 0
@@ -192,8 +206,14 @@ class Eraser:
             x0 = torch.stack([x for _, x in rows])
             noise = torch.randn(x0.shape, generator=self.gen)
             t = _uniform(cfg.batch, cfg.t_range, self.gen)
-            v = self._velocity(noised(x0, noise, t), t, self.world.encode([p for p, _ in rows]), "student")
-            l_pres = losses.flow_loss(v, x0, noise)
+            x_t, text = noised(x0, noise, t), self.world.encode([p for p, _ in rows])
+            v = self._velocity(x_t, t, text, "student")
+            if cfg.preserve_target == "teacher":
+                with torch.no_grad(), teacher_mode(self.model, self.params):
+                    v_base = self._velocity(x_t, t, text, "teacher")
+                l_pres = losses.anchor_loss(v, v_base)
+            else:
+                l_pres = losses.flow_loss(v, x0, noise)
             loss = loss + cfg.lambda_preserve * l_pres
             out["preserve"] = l_pres.item()
         if cfg.method == "eraseanything" and cfg.lambda_rsc > 0 and c.synonyms and c.irrelevant:

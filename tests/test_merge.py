@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from erase_core.lora_file import LoraFile, LoraModule, read_lora_file, write_lora_file
-from erase_core.merge import (MergeConfig, closed_form_delta, interference, interference_summary, low_rank, merge,
+from erase_core.merge import (MergeConfig, closed_form_lora, interference, interference_summary, low_rank, merge,
                               refactor)
 
 D = 24
@@ -78,8 +78,9 @@ def test_closed_form_reproduces_each_lora_on_its_inputs_and_spares_preserved_one
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0].float()
     xa, xb, xp = basis[:, :6].T.repeat(3, 1), basis[:, 6:12].T.repeat(3, 1), basis[:, 12:20].T.repeat(3, 1)
-    da, db = torch.randn(D, D, generator=g), torch.randn(D, D, generator=g)
-    delta = closed_form_delta([da, db], [1.0, 1.0], [xa, xb], xp, preserve_weight=1.0, ridge=1e-8).float()
+    la, lb = (LoraModule(torch.randn(D, D, generator=g), torch.randn(D, D, generator=g), 12.0) for _ in range(2))
+    da, db = la.delta().float(), lb.delta().float()
+    delta = closed_form_lora([la, lb], [1.0, 1.0], [xa, xb], xp, preserve_weight=1.0, ridge=1e-8).delta().float()
     assert torch.allclose(xa @ delta.T, xa @ da.T, atol=1e-4)
     assert torch.allclose(xb @ delta.T, xb @ db.T, atol=1e-4)
     assert (xp @ delta.T).abs().max() < 1e-4
@@ -87,7 +88,7 @@ def test_closed_form_reproduces_each_lora_on_its_inputs_and_spares_preserved_one
     assert (xp @ (da + db).T).abs().max() > 0.1
     # one LoRA with inputs spanning the whole space: the closed form is the LoRA itself
     full = basis.T.repeat(2, 1)
-    assert torch.allclose(closed_form_delta([da], [1.0], [full], None, 1.0, 1e-9).float(), da, atol=1e-4)
+    assert torch.allclose(closed_form_lora([la], [1.0], [full], None, 1.0, 1e-9).delta().float(), da, atol=1e-4)
 
 
 def test_closed_form_merge_is_order_invariant_and_factored():

@@ -1,0 +1,158 @@
+"""Merging many erase-LoRAs on the sandbox: erase 20 concepts one LoRA each, merge them with every mode, evaluate
+every concept; dilution of `normalized` against the number of LoRAs; merge time at Flux-dev geometry.
+
+Usage: python bench/merge_table.py [--samples 32] [--out bench/results/merge] [--timing-only]
+LoRAs are cached in OUT/loras (delete them to retrain). Writes table.md, table.json, dilution.png, interference.png.
+"""
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from erase_core import render  # noqa: E402
+from erase_core.cli_merge import closed_form_inputs  # noqa: E402
+from erase_core.evaluate import found_rate  # noqa: E402
+from erase_core.io import atomic_write_text  # noqa: E402
+from erase_core.lora import apply_lora, save_lora  # noqa: E402
+from erase_core.lora_file import LoraFile, LoraModule, read_lora_file  # noqa: E402
+from erase_core.merge import MODES, MergeConfig, interference, interference_summary, merge  # noqa: E402
+from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
+from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
+from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
+from erase_core.sandbox.world import CONCEPTS  # noqa: E402
+from erase_core.train import EraseConfig, erase  # noqa: E402
+
+log = logging.getLogger("bench")
+KEEP = ("moon", "green", "north", "southeast")  # never erased: the Acc_ir witnesses
+_AXES = [[c for c in CONCEPTS if CONCEPTS[c].axis == a and c not in KEEP] for a in ("shape", "colour", "placement")]
+#: the 20 erased concepts, axes interleaved so that every prefix (3, 5, 10 LoRAs) mixes categories
+ORDER = tuple(c for i in range(8) for axis in _AXES for c in axis[i:i + 1])
+
+
+def rate(world, name, samples, model=None):
+    return found_rate(world, concept_prompt(name, CONCEPTS[name].axis), name, samples, seed=4242, transformer=model)
+
+
+def with_lora(world, lf):
+    import copy
+
+    return apply_lora(copy.deepcopy(world.transformer), lf)
+
+
+def flux_dev_timing(n: int = 20, rank: int = 16) -> dict:
+    """Merge n random LoRAs of Flux-dev geometry (19 dual blocks, hidden 3072, add_q/add_k) with every mode."""
+    g = torch.Generator().manual_seed(0)
+    keys = [f"transformer_blocks.{b}.attn.{t}" for b in range(19) for t in ("add_q_proj", "add_k_proj")]
+    loras = [LoraFile({k: LoraModule(torch.randn(rank, 3072, generator=g) * 0.01,
+                                     torch.randn(3072, rank, generator=g) * 0.01, float(rank)) for k in keys},
+                      {"concept": f"c{i}"}) for i in range(n)]
+    inputs = [{k: torch.randn(64, 3072, generator=g) for k in keys} for _ in range(n)]
+    preserve = {k: torch.randn(256, 3072, generator=g) for k in keys}
+    out = {}
+    for mode in MODES:
+        t = time.time()
+        merge(loras, MergeConfig(mode=mode), inputs if mode == "closed_form" else None,
+              preserve if mode == "closed_form" else None)
+        out[mode] = time.time() - t
+    t = time.time()
+    interference(loras)
+    out["interference report"] = time.time() - t
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="erase steps per concept (default: EraseConfig's)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/merge"))
+    p.add_argument("--timing-only", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    timing = flux_dev_timing()
+    log.info("flux-dev merge timing %s", timing)
+    if args.timing_only:
+        print(json.dumps(timing, indent=2))
+        return
+    world = SandboxWorld.load()
+    (args.out / "loras").mkdir(exist_ok=True)
+    cfg = EraseConfig(**({"steps": args.steps} if args.steps else {}))
+    loras, train_s = {}, {}
+    for name in ORDER:
+        path = args.out / "loras" / f"{name}.safetensors"
+        if not path.exists():
+            t = time.time()
+            res = erase(world, sandbox_concept_set(name), cfg)
+            train_s[name] = time.time() - t
+            save_lora(res.model, path, {"concept": name, "method": cfg.method, "config": cfg.to_dict()})
+        loras[name] = read_lora_file(path)
+    base = {c: rate(world, c, args.samples) for c in CONCEPTS}
+    single = {c: rate(world, c, args.samples, with_lora(world, loras[c])) for c in ORDER}
+    log.info("base %s\nsingle %s", base, single)
+
+    def evaluate(names, lf):
+        model = with_lora(world, lf)
+        erased = {c: rate(world, c, args.samples, model) for c in names}
+        kept = {c: rate(world, c, args.samples, model) for c in KEEP}
+        drop = {c: base[c] - erased[c] for c in names}
+        share = {c: drop[c] / max(base[c] - single[c], 1e-9) for c in names}
+        return {"acc_e": erased, "kept": kept, "efficacy_share": share,
+                "mean_efficacy_share": sum(share.values()) / len(share),
+                "min_efficacy_share": min(share.values()),
+                "acc_ir_of_base": 100 * sum(kept.values()) / max(sum(base[c] for c in KEEP), 1e-9)}
+
+    results, sweep = {}, {}
+    all_files = [loras[c] for c in ORDER]
+    for mode in MODES:
+        t = time.time()
+        ci = pi = None
+        if mode == "closed_form":
+            ci, pi = closed_form_inputs(world, all_files, list(KEEP))
+        merged = merge(all_files, MergeConfig(mode=mode), ci, pi, names=list(ORDER))
+        results[mode] = {"merge_seconds": time.time() - t, **evaluate(ORDER, merged)}
+        log.info("%s: mean share %.2f, Acc_ir %.1f%%", mode, results[mode]["mean_efficacy_share"],
+                 results[mode]["acc_ir_of_base"])
+    for n in (3, 5, 10, 20):
+        names = ORDER[:n]
+        for mode in ("normalized", "concat"):
+            r = evaluate(names, merge([loras[c] for c in names], MergeConfig(mode=mode)))
+            sweep.setdefault(mode, []).append({"n": n, "mean_efficacy_share": r["mean_efficacy_share"],
+                                               "acc_ir_of_base": r["acc_ir_of_base"]})
+    cos = interference(all_files)
+    summary = interference_summary(cos)
+    mean_cos = torch.stack([c.abs() for c in cos.values()]).mean(0)
+    render.matrix_image(mean_cos, list(ORDER), "mean |cos| between erase-LoRA deltas").save(args.out / "interference.png")
+    render.line_plot({m: [(s["n"], 100 * s["mean_efficacy_share"]) for s in v] for m, v in sweep.items()},
+                     "share of single-LoRA erasure kept", "LoRAs merged", "%", ylim=(0, 110)).save(
+        args.out / "dilution.png")
+    report = {"machine": machine, "samples": args.samples, "erased": list(ORDER), "kept": list(KEEP), "base": base,
+              "single": single, "train_seconds": train_s, "modes": results, "sweep": sweep,
+              "interference": summary, "flux_dev_merge_seconds": timing}
+    atomic_write_text(args.out / "table.json", json.dumps(report, indent=2))
+    md = [f"Merging {len(ORDER)} erase-LoRAs on the sandbox ({args.samples} samples per prompt; {machine}).", "",
+          "| mode | mean share of single-LoRA erasure kept | worst concept | Acc_ir (% of base) | merge s |",
+          "|---|---|---|---|---|"]
+    for mode, r in results.items():
+        worst = min(r["efficacy_share"], key=r["efficacy_share"].get)
+        md.append(f"| {mode} | {100 * r['mean_efficacy_share']:.0f}% | {worst} {100 * r['efficacy_share'][worst]:.0f}% "
+                  f"| {r['acc_ir_of_base']:.0f}% | {r['merge_seconds']:.1f} |")
+    md += ["", "| LoRAs merged | " + " | ".join(sweep) + " |", "|---|" + "---|" * len(sweep)]
+    for i, n in enumerate((3, 5, 10, 20)):
+        md.append(f"| {n} | " + " | ".join(f"{100 * sweep[m][i]['mean_efficacy_share']:.0f}% "
+                                           f"(Acc_ir {sweep[m][i]['acc_ir_of_base']:.0f}%)" for m in sweep) + " |")
+    md += ["", "Merging 20 random rank-16 LoRAs of Flux-dev geometry (19 dual blocks × add_q/add_k, 3072 wide):", "",
+           "| mode | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in timing.items()]
+    atomic_write_text(args.out / "table.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
