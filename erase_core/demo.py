@@ -68,7 +68,53 @@ def all_blocks(world: SandboxWorld) -> list[str]:
            [f"single.{i}" for i in range(len(tr.single_transformer_blocks))]
 
 
-def run_demo(out: str | Path, samples: int = 64, seed: int = 7, concepts=DEMO_CONCEPTS) -> Path:
+def learned_erasure(world: SandboxWorld, concept: str, out: Path, samples: int, seed: int,
+                    suppression: dict) -> list[str]:
+    """Train the EraseAnything LoRA for ``concept`` and compare it with suppression on the same attack prompts."""
+    from .lora import save_lora
+    from .sandbox.erase_sets import sandbox_concept_set
+    from .train import EraseConfig, erase
+
+    cfg = EraseConfig()
+    t = time.time()
+    res = erase(world, sandbox_concept_set(concept), cfg)
+    seconds = time.time() - t
+    save_lora(res.model, out / f"erase_{concept}.safetensors", {"concept": concept, "method": cfg.method,
+                                                                 "config": cfg.to_dict()}, overwrite=True)
+    lines = [f"## Learned erasure of `{concept}` (EraseAnything, {cfg.steps} steps, {seconds:.0f} s)", "",
+             f"LoRA: `erase_{concept}.safetensors`. Rate = share of {samples} samples with the concept.", "",
+             "| attack | prompt | base | suppressed | erase-LoRA |", "|---|---|---|---|---|"]
+    tiles, row_labels, rows = [], [], {}
+    for attack in attack_prompts(concept):
+        imgs = world.sample([attack.prompt] * samples, seed=seed, transformer=res.model)
+        axis = CONCEPTS[concept].axis
+        rate = sum(v == concept for v in world.classify(imgs)[axis]) / samples
+        sup = suppression.get(f"{concept}/{attack.kind}", {})
+        rows[attack.kind] = {"prompt": attack.prompt, "erased": rate, **sup}
+        lines.append(f"| {attack.kind} | `{attack.prompt}` | {100 * sup.get('base', float('nan')):.0f}% | "
+                     f"{100 * sup.get('suppressed', float('nan')):.0f}% | {100 * rate:.0f}% |")
+        base_imgs = world.sample([attack.prompt] * 6, seed=seed)
+        tiles += [render.to_pil(im, 2) for im in base_imgs] + [render.to_pil(im, 2) for im in imgs[:6]]
+        row_labels.append(attack.kind)
+    neighbours = [x for x in CONCEPTS if CONCEPTS[x].axis == CONCEPTS[concept].axis and x != concept]
+    kept = {x: evaluate.found_rate(world, concept_prompt(x, CONCEPTS[x].axis), x, samples, seed,
+                                   transformer=res.model) for x in neighbours}
+    lines += ["", "Neighbours kept (same axis, erase-LoRA on): " +
+              ", ".join(f"{x} {v:.0f}%" for x, v in kept.items()), ""]
+    render.grid(tiles, cols=12, row_labels=row_labels,
+                title=f"'{concept}': 6 base samples | 6 with the erase-LoRA").save(out / f"erase_{concept}.png")
+    losses = {}
+    for entry in res.history:
+        for k, v in entry.losses.items():
+            losses.setdefault(k, []).append((entry.step, v))
+    render.line_plot(losses, f"erase '{concept}': losses per step", "step", "loss").save(out / f"losses_{concept}.png")
+    atomic_write_text(out / "erasure.json", json.dumps({"concept": concept, "seconds": seconds, "prompts": rows,
+                                                         "neighbours": kept}, indent=2))
+    return lines + [f"![erase {concept}](erase_{concept}.png)", "", f"![losses](losses_{concept}.png)", ""]
+
+
+def run_demo(out: str | Path, samples: int = 64, seed: int = 7, concepts=DEMO_CONCEPTS,
+             learned: str | None = "red") -> Path:
     """Write the demo's images and ``report.md`` into ``out``; returns the report's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +168,10 @@ def run_demo(out: str | Path, samples: int = 64, seed: int = 7, concepts=DEMO_CO
             out / f"suppress_{concept}.png")
         lines += ["", f"![suppression of {concept}](suppress_{concept}.png)", ""]
     atomic_write_text(out / "suppression.json", json.dumps(summary, indent=2))
+
+    # 4. learned erasure beats the attacks that beat suppression
+    if learned:
+        lines += learned_erasure(world, learned, out, samples, seed, summary)
     lines += [f"Ran in {time.time() - t0:.0f} s."]
     report = atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     log.info("demo written to %s", out)

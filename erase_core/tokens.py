@@ -84,3 +84,9 @@ def shuffle_words(prompt: str, rng: random.Random, keep: str | None = None) -> s
     words = prompt.split()
     rng.shuffle(words)
     return " ".join(words)
+
+
+def replace_word(prompt: str, word: str, replacement: str) -> str:
+    """``prompt`` with every whole-word, case-insensitive occurrence of ``word`` replaced (spaces tidied)."""
+    out = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", replacement, prompt, flags=re.I)
+    return re.sub(r"\s+", " ", out).strip()

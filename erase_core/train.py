@@ -31,7 +31,7 @@ from .flux.attention import AttentionPatch
 from .flux.backend import TextCond
 from .flux.flow import noised
 from .lora import attach_lora, teacher_mode
-from .tokens import shuffle_words
+from .tokens import replace_word, shuffle_words
 
 log = logging.getLogger("erase_flux.train")
 
@@ -58,6 +58,9 @@ class EraseConfig:
     # upper-level target on preserved prompts: "flow" (the paper's L_lora toward ε − x0) or "teacher" (the frozen
     # base's velocity on the same x_t: the same minimiser, far less variance)
     preserve_target: str = "flow"
+    # also erase under the concept's synonyms (half of the lower-level prompts name it by one): what a user erasing
+    # "red" expects of "crimson"; the paper relies on the text encoder to generalise instead
+    erase_synonyms: bool = False
     lambda_attn: float = 1.0
     lambda_preserve: float = 1.0
     lambda_rsc: float = 0.1
@@ -159,6 +162,10 @@ class Eraser:
     def lower_step(self) -> dict[str, float]:
         cfg, c = self.cfg, self.concept
         prompts = [shuffle_words(self.rng.choice(c.prompts), self.rng, keep=c.word) for _ in range(cfg.batch)]
+        words = [c.word] * cfg.batch
+        if cfg.erase_synonyms and c.synonyms:  # half the prompts name the concept by a synonym instead
+            words = [self.rng.choice(c.synonyms) if self.rng.random() < 0.5 else c.word for _ in prompts]
+            prompts = [c.substitute(p, w) for p, w in zip(prompts, words)]
         pick = torch.randint(0, len(self.concept_x0), (cfg.batch,), generator=self.gen)
         x0 = self.concept_x0[pick]
         noise = torch.randn(x0.shape, generator=self.gen)
@@ -171,7 +178,7 @@ class Eraser:
                 v_anchor = self._velocity(x_t, t, anchor, "teacher")
             else:
                 if cfg.esd_negative == "without_concept":
-                    negative = self.world.encode([c.substitute(p, "") for p in prompts])
+                    negative = self.world.encode([replace_word(p, w, "") for p, w in zip(prompts, words)])
                 else:
                     negative = TextCond(self.empty.sequence.expand(cfg.batch, -1, -1),
                                         self.empty.pooled.expand(cfg.batch, -1))
@@ -179,7 +186,7 @@ class Eraser:
                 v_c = self._velocity(x_t, t, text, "teacher")
         out: dict[str, float] = {}
         use_attn = cfg.method == "eraseanything" and cfg.lambda_attn > 0
-        idx = [self.world.token_indices(p, c.word) for p in prompts]
+        idx = [self.world.token_indices(p, w) for p, w in zip(prompts, words)]
         with AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True, capture=use_attn) as patch:
             v_pred = self._velocity(x_t, t, text, "student")
         if cfg.method == "ca":

@@ -46,12 +46,16 @@ def test_suppression_works_on_the_plain_word_only(world):
 def test_full_demo(tmp_path):
     report = run_demo(tmp_path, samples=64)
     data = json.loads((tmp_path / "suppression.json").read_text())
-    assert data["circle/plain"]["suppressed"] < data["circle/plain"]["base"]
-    assert report.exists()
+    assert data["red/plain"]["suppressed"] < data["red/plain"]["base"] - 0.5
+    assert data["red/synonym"]["suppressed"] >= 0.8  # suppression cannot touch a synonym...
+    learned = json.loads((tmp_path / "erasure.json").read_text())["prompts"]
+    assert learned["plain"]["erased"] <= 0.2
+    assert learned["synonym"]["erased"] <= data["red/synonym"]["suppressed"] - 0.5  # ...the learned eraser does
+    assert report.exists() and (tmp_path / "erase_red.png").exists()
 
 
 def test_demo_runs_end_to_end_with_few_samples(tmp_path):
-    report = run_demo(tmp_path, samples=4, concepts=("red",))
+    report = run_demo(tmp_path, samples=4, concepts=("red",), learned=None)
     text = report.read_text()
     assert "| plain |" in text and "![sandbox](sandbox_grid.png)" in text
     for name in ("sandbox_grid.png", "inspect_red.png", "suppress_red.png", "suppression.json"):

@@ -26,6 +26,35 @@ def test_config_validates_itself():
         EraseConfig(lambda_attn=-1)
 
 
+def test_esd_negative_and_preserve_target_options(world):
+    """At the first step the LoRA is zero, so the student is the base: the teacher-target preserve loss is exactly 0,
+    and the ESD loss is (1 + η)² ‖v_c − v_ref‖² with v_ref from the empty prompt or the prompt without the word."""
+    with pytest.raises(ValueError, match="esd_negative='none'"):
+        EraseConfig(esd_negative="none")
+    with pytest.raises(ValueError, match="preserve_target='x'"):
+        EraseConfig(preserve_target="x")
+    cs = sandbox_concept_set("red")
+    for negative in ("empty", "without_concept"):
+        er = Eraser(world, cs, EraseConfig(**SMALL, method="esd", eta=0.5, esd_negative=negative))
+        seen = []
+        orig = er._velocity
+        er._velocity = lambda x, t, text, kind: seen.append((x, t, text)) or orig(x, t, text, kind)
+        state = er.gen.get_state(), er.rng.getstate()
+        got = er.lower_step()["esd"]
+        (x, t, ref_text), (_, _, text) = seen[0], seen[1]
+        with torch.no_grad():
+            v_ref, v_c = world.backend().velocity(x, t, ref_text), world.backend().velocity(x, t, text)
+        assert got == pytest.approx((1.5 ** 2) * torch.mean((v_c - v_ref) ** 2).item(), rel=1e-4)
+        if negative == "without_concept":
+            assert not torch.allclose(ref_text.sequence[0], world.encode([""]).sequence[0])
+        else:
+            assert torch.equal(ref_text.sequence[0], world.encode([""]).sequence[0])
+    er = Eraser(world, cs, EraseConfig(**SMALL, preserve_target="teacher", lambda_rsc=0.0))
+    assert er.upper_step()["preserve"] == 0.0
+    er = Eraser(world, cs, EraseConfig(**SMALL, preserve_target="flow", lambda_rsc=0.0))
+    assert er.upper_step()["preserve"] > 0.01
+
+
 def test_concept_set_checks_prompts():
     with pytest.raises(ValueError, match="must contain the word 'red'"):
         ConceptSet("red", ("a blue circle",))
