@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flux-steps", type=_positive_int, default=None, help="denoiser training steps (default 4000)")
     t.add_argument("--t-mean", type=float, default=None,
                    help="logit-normal location of training times (default 0; >0 favours high noise)")
+    t.add_argument("--stop-at", type=_positive_int, default=None,
+                   help="end this run after this transformer step; the learning-rate schedule still spans "
+                        "--flux-steps, and a later run with the same --out resumes")
     t.add_argument("--stages", default="tokenizer,autoencoder,classifier,flux",
                    help="comma-separated stages to run (later stages reuse earlier files in --out)")
     c = sbs.add_parser("check", help="the base-model quality bar: concept found in generated samples, per prompt")
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--concept", required=True, help="the concept word to erase (a sandbox concept or alias)")
     e.add_argument("--method", choices=("eraseanything", "esd", "ca"), default="eraseanything",
                    help="eraseanything (bi-level, default), esd (ESD loss only) or ca (concept ablation to an anchor)")
-    e.add_argument("--steps", type=_positive_int, default=None, help="outer training steps (default 150)")
+    e.add_argument("--steps", type=_positive_int, default=None, help="outer training steps (default 100)")
     e.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic under it)")
     e.add_argument("--out", type=Path, required=True, help="LoRA file to write (.safetensors)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -144,6 +147,8 @@ def _cmd_sandbox(args) -> int:
             kw["flux_steps"] = args.flux_steps
         if args.t_mean is not None:
             kw["t_mean"] = args.t_mean
+        if args.stop_at is not None:
+            kw["stop_at"] = args.stop_at
         report = train_sandbox(args.out, SandboxTrainConfig(**kw), stages=tuple(args.stages.split(",")))
         print(json.dumps(report, indent=2))
         return 0

@@ -46,6 +46,7 @@ class SandboxTrainConfig:
     pooled_dropout: float = 0.5  # the CLIP-role vector is replaced by the empty prompt's this often
     null_prompt: float = 0.1  # the whole prompt is dropped (for classifier-free guidance)
     t_mean: float = 0.0  # logit-normal location of training times (>0 favours high noise)
+    stop_at: int | None = None  # end this run after this step (the schedule still spans flux_steps; resumable)
     log_every: int = 50
     checkpoint_every: int = 500
 
@@ -163,7 +164,8 @@ def train_flux(cfg: SandboxConfig, tc: SandboxTrainConfig, tokenizer, ae: AutoEn
     backend = DiffusersFlux(tr, (cfg.latent_size, cfg.latent_size))
     empty_ids = torch.tensor(tokenizer.encode("").ids)
     t0, seen = time.time(), 0.0
-    for step in range(start, tc.flux_steps):
+    end = min(tc.flux_steps, tc.stop_at or tc.flux_steps)
+    for step in range(start, end):
         examples = [training_example(rng) for _ in range(tc.batch)]
         prompts = ["" if rng.random() < tc.null_prompt else p for p, _ in examples]
         with torch.no_grad():
@@ -191,7 +193,7 @@ def train_flux(cfg: SandboxConfig, tc: SandboxTrainConfig, tokenizer, ae: AutoEn
         if step % tc.log_every == 0:
             log.info("flux step %d loss %.4f (avg %.4f) lr %.2e %.2fs/step", step, loss.item(), seen,
                      _lr(step, tc), (time.time() - t0) / (step - start + 1))
-        if (step + 1) % tc.checkpoint_every == 0 or step + 1 == tc.flux_steps:
+        if (step + 1) % tc.checkpoint_every == 0 or step + 1 == end:
             state = {"te": te.state_dict(), "tr": tr.state_dict(), "ema_te": ema_te.state_dict(),
                      "ema_tr": ema_tr.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                      "rng": _list_state(rng.getstate()), "torch_rng": torch.get_rng_state()}
