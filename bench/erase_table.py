@@ -1,7 +1,7 @@
 """The erasure benchmark on the sandbox: every method on concepts of the three categories, like EraseAnything's
 Table 3 plus H_o, an ablation over the loss terms like its Table 4, and before/after grids.
 
-Usage: python bench/erase_table.py [--concepts circle,star,red,blue,west,northeast] [--samples 64]
+Usage: python bench/erase_table.py [--concepts moon,ring,red,blue,west,northeast] [--samples 64]
                                    [--steps N] [--ablation red,west] [--out bench/results/erase]
 Writes table.md, table.json and grid_<concept>.png into --out. Slow: minutes per concept and method on 2 cores.
 """
@@ -95,15 +95,16 @@ def markdown(rows: list[dict], title: str) -> str:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--concepts", default="circle,star,red,blue,west,northeast")
+    p.add_argument("--concepts", default="moon,ring,red,blue,west,northeast")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="erase steps (default: EraseConfig's)")
     p.add_argument("--ablation", default="", help="comma-separated concepts to run the loss/design ablation on")
     p.add_argument("--methods", default="esd,ca,eraseanything")
     p.add_argument("--out", type=Path, default=Path("bench/results/erase"))
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     world = SandboxWorld.load()
     rows, ablation_rows = [], []

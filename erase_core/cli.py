@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--world", type=Path, default=None,
                     help="closed_form: sandbox weights folder that provides the inputs (default: the shipped one)")
 
+    nb = sub.add_parser("neighbors", help="RealEra neighbour mining of a concept: labelled samples and what the "
+                        "base (and an erased) model draws from each")
+    nb.add_argument("--concept", required=True, help="the concept word (a sandbox concept or alias)")
+    nb.add_argument("--d1", type=float, default=0.6, help="neighbour radius bound, in units of the concept's norm")
+    nb.add_argument("--d2", type=float, default=1.5, help="beyond-concept radius bound, same units")
+    nb.add_argument("--s1", type=float, default=0.995, help="neighbours: cos(e, e+η) ≤ S1")
+    nb.add_argument("--s2", type=float, default=0.85, help="neighbours: cos ≥ S2; beyond-concept: cos < S2")
+    nb.add_argument("--m", type=int, default=6, help="number of neighbours")
+    nb.add_argument("--n", type=int, default=3, help="number of beyond-concept samples")
+    nb.add_argument("--samples", type=_positive_int, default=8, help="images per sample for the rates")
+    nb.add_argument("--seed", type=int, default=0, help="mining and sampling seed")
+    nb.add_argument("--lora", type=Path, default=None, help="an erase-LoRA: also show what the erased model draws")
+    nb.add_argument("--out", type=Path, required=True, help="output folder for neighbors.png and neighbors.json")
+    nb.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
+
     li = sub.add_parser("lora-info", help="show a LoRA file's metadata, layout and targets as JSON")
     li.add_argument("file", type=Path, help="LoRA file (.safetensors; diffusers, kohya or ComfyUI layout)")
 
@@ -208,6 +223,31 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_neighbors(args) -> int:
+    import copy
+
+    from .io import atomic_write_text
+    from .lora import apply_lora
+    from .neighbour_preview import preview, preview_grid
+    from .neighbours import NeighbourConfig
+    from .sandbox.pipeline import SandboxWorld
+    from .sandbox.world import concept as lookup
+
+    cfg = NeighbourConfig(d1=args.d1, d2=args.d2, s1=args.s1, s2=args.s2, m=args.m, n=args.n, seed=args.seed)
+    world = SandboxWorld.load(args.weights)
+    name = lookup(args.concept).name
+    erased = apply_lora(copy.deepcopy(world.transformer), args.lora) if args.lora else None
+    rows = preview(world, name, cfg, erased=erased, samples=args.samples, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    preview_grid(rows, name).save(args.out / "neighbors.png")
+    data = [{k: v for k, v in vars(r).items() if k != "images"} for r in rows]
+    atomic_write_text(args.out / "neighbors.json", json.dumps({"concept": name, "config": vars(cfg), "rows": data},
+                                                              indent=2, default=str))
+    print(json.dumps({"out": str(args.out), "rows": [{k: r[k] for k in ("kind", "distance", "base_rate",
+                                                                        "erased_rate")} for r in data]}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -225,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             from .cli_merge import run as run_merge
 
             return run_merge(args)
+        if args.command == "neighbors":
+            return _cmd_neighbors(args)
         if args.command == "lora-info":
             from .lora_file import describe, read_lora_file
 
