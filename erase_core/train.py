@@ -72,6 +72,7 @@ class EraseConfig:
     base_samples: int = 64  # base-model images of the concept prompts that x_t is drawn from
     preserve_images: int = 8  # per preserved prompt (paper: 6-10 images, fixed seeds)
     attn_blocks: tuple[str, ...] | None = None  # default: every dual-stream block
+    preview_every: int = 0  # attach a sample of the concept prompt (fixed seed) to every N-th step's log; 0 = off
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +82,8 @@ class EraseConfig:
             raise ValueError(f"esd_negative={self.esd_negative!r} is unknown; choose empty or without_concept")
         if self.preserve_target not in ("flow", "teacher"):
             raise ValueError(f"preserve_target={self.preserve_target!r} is unknown; choose flow or teacher")
+        if self.preview_every < 0:
+            raise ValueError(f"preview_every={self.preview_every} must be ≥ 0 (0 turns previews off)")
         for name in ("steps", "inner_steps", "batch", "rank", "base_samples", "preserve_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
@@ -106,6 +109,7 @@ class StepLog:
     step: int
     losses: dict[str, float]
     seconds: float
+    preview: torch.Tensor | None = None  # (3, H, W) sample of the concept prompt, every ``preview_every`` steps
 
 
 @dataclass
@@ -264,6 +268,14 @@ class Eraser:
         loss.backward()
         self.opt.step()
 
+    @torch.no_grad()
+    def preview(self, step: int) -> torch.Tensor | None:
+        """The current model's sample of the concept's first prompt (same noise every time), when due."""
+        every = self.cfg.preview_every
+        if not every or (step + 1) % every and step + 1 != self.cfg.steps:
+            return None
+        return self.world.sample([self.concept.prompts[0]], seed=self.cfg.seed + 30_000, transformer=self.model)[0]
+
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def checkpoint(self, step: int) -> dict:
         """Everything needed to resume: LoRA and optimiser tensors, step, RNG states, the config."""
@@ -329,7 +341,7 @@ class Eraser:
                     torch.save(good, tmp)
                     tmp.replace(checkpoint_path)
                 raise
-            entry = StepLog(step, logs, time.time() - t0)
+            entry = StepLog(step, logs, time.time() - t0, self.preview(step))
             history.append(entry)
             if progress:
                 progress(entry)

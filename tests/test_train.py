@@ -122,6 +122,16 @@ def test_baselines_run_and_count_forwards(world):
     assert set(res.history[-1].losses) == {"esd", "attn", "preserve", "rsc"}
 
 
+def test_progress_carries_losses_and_previews(world):
+    logs = []
+    erase(world, sandbox_concept_set("red"), EraseConfig(**{**SMALL, "steps": 3}, preview_every=2), progress=logs.append)
+    assert [entry.step for entry in logs] == [0, 1, 2]
+    assert {"esd", "attn", "preserve", "rsc"} <= set(logs[0].losses)
+    assert logs[0].preview is None and logs[1].preview.shape == (3, 32, 32) and logs[2].preview is not None
+    with pytest.raises(ValueError, match="preview_every=-1"):
+        EraseConfig(preview_every=-1)
+
+
 def test_interrupt_stops_early(world):
     calls = []
     res = erase(world, sandbox_concept_set("red"), EraseConfig(**{**SMALL, "steps": 5}),
