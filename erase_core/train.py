@@ -35,7 +35,7 @@ from .tokens import replace_word, shuffle_words
 
 log = logging.getLogger("erase_flux.train")
 
-Method = Literal["eraseanything", "esd", "ca"]
+Method = Literal["eraseanything", "esd", "ca", "realera"]
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,9 @@ class EraseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("eraseanything", "esd", "ca"):
-            raise ValueError(f"method={self.method!r} is unknown; choose eraseanything, esd or ca")
+        if self.method not in ("eraseanything", "esd", "ca", "realera"):
+            raise ValueError(f"method={self.method!r} is unknown; choose eraseanything, esd, ca or realera "
+                             "(uce is the closed form alone: erase_core.sandbox.closed_form)")
         if self.esd_negative not in ("empty", "without_concept"):
             raise ValueError(f"esd_negative={self.esd_negative!r} is unknown; choose empty or without_concept")
         if self.preserve_target not in ("flow", "teacher"):
