@@ -29,18 +29,48 @@ def _erase(args, world, name: str) -> int:
         raise ValueError(f"--out {args.out} must end in .safetensors")
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
+    cs = sandbox_concept_set(name, seed=args.seed)
+    meta = {"concept": name, "method": args.method, "synonyms": cs.synonyms, "irrelevant": cs.irrelevant,
+            "preserve_prompts": cs.preserve_prompts, "base_model": "erase_flux sandbox",
+            "base_geometry": world.cfg.to_dict(), "package_version": __version__}
+    if args.method in ("uce", "realera"):
+        return _closed_form(args, world, cs, meta)
     kw = {"method": args.method, "seed": args.seed}
     if args.steps:
         kw["steps"] = args.steps
     cfg = EraseConfig(**kw)
-    cs = sandbox_concept_set(name, seed=args.seed)
     result = erase(world, cs, cfg)
-    meta = {"concept": name, "method": cfg.method, "config": cfg.to_dict(), "synonyms": cs.synonyms,
-            "irrelevant": cs.irrelevant, "preserve_prompts": cs.preserve_prompts, "steps_done": len(result.history),
-            "base_model": "erase_flux sandbox", "base_geometry": world.cfg.to_dict(), "package_version": __version__}
+    meta.update(config=cfg.to_dict(), steps_done=len(result.history))
     save_lora(result.model, args.out, meta, overwrite=args.overwrite)
     print(json.dumps({"out": str(args.out), "final_losses": result.history[-1].losses,
                       "seconds": result.history[-1].seconds}))
+    return 0
+
+
+def _closed_form(args, world, cs, meta: dict) -> int:
+    import time
+
+    from .closed_form import ClosedFormConfig
+    from .lora_file import model_fingerprint, model_geometry, write_lora_file
+    from .train import EraseConfig
+
+    t = time.time()
+    meta.update(geometry=model_geometry(world.transformer), fingerprint=model_fingerprint(world.transformer),
+                closed_form=vars(ClosedFormConfig()))
+    if args.method == "uce":
+        from .sandbox.closed_form import closed_form_erase
+
+        lf = closed_form_erase(world, cs, seed=args.seed)
+    else:
+        from .realera import realera
+
+        cfg = EraseConfig(method="realera", seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        _, lf = realera(world, cs, cfg)
+        meta.update(config=cfg.to_dict())
+    lf.meta = {**meta, **{k: v for k, v in lf.meta.items() if k not in meta}}
+    write_lora_file(lf, args.out, overwrite=args.overwrite)
+    print(json.dumps({"out": str(args.out), "seconds": time.time() - t,
+                      "ranks": sorted({m.rank for m in lf.modules.values()})}))
     return 0
 
 
