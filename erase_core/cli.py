@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("erase", help="train an erase-LoRA for a concept (on the sandbox world by default)")
     e.add_argument("--concept", required=True, help="the concept word to erase (a sandbox concept or alias)")
-    e.add_argument("--method", choices=("eraseanything", "esd", "ca", "uce", "realera"), default="eraseanything",
-                   help="eraseanything (bi-level, default), esd (ESD loss only), ca (concept ablation to an anchor), "
+    e.add_argument("--method", choices=("eraseanything", "eraseanything+neighbors", "esd", "ca", "uce", "realera"),
+                   default="eraseanything",
+                   help="eraseanything (bi-level, default), eraseanything+neighbors (with RealEra's mined neighbours "
+                        "and beyond-concept samples), esd (ESD loss only), ca (concept ablation to an anchor), "
                         "uce (closed-form text K/V edit) or realera (closed form with neighbours + noise alignment)")
     e.add_argument("--steps", type=_positive_int, default=None, help="outer training steps (default 100)")
     e.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic under it)")

@@ -85,3 +85,20 @@ def nearest_labels(samples: torch.Tensor, table: torch.Tensor, words: list[str],
     top = sim.topk(min(k, len(words)), dim=-1)
     return [[(words[j], round(float(s), 3)) for s, j in zip(vals.tolist(), idx.tolist())]
             for vals, idx in zip(top.values, top.indices)]
+
+
+def perturb_rows(seq: torch.Tensor, rows: list[list[int]], kind: str, cfg: NeighbourConfig,
+                 gen: torch.Generator) -> torch.Tensor:
+    """A copy of ``seq`` (B, L, D) whose ``rows[b]`` of each prompt moved to one fresh neighbour (``kind="near"``)
+    or beyond-concept sample (``"far"``) of themselves; seeds drawn from ``gen``. Empty row lists are left alone."""
+    if kind not in ("near", "far"):
+        raise ValueError(f"kind={kind!r}: choose near or far")
+    out = seq.clone()
+    for b, idx in enumerate(rows):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        if not idx:
+            continue
+        one = NeighbourConfig(**{**vars(cfg), "m": int(kind == "near"), "n": int(kind == "far"), "seed": seed})
+        near, far = mine(seq[b, idx], one)
+        out[b, idx] = (near if kind == "near" else far)[0]
+    return out

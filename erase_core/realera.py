@@ -12,8 +12,6 @@ closed-form delta and the trained LoRA stacked exactly.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
-
 import torch
 
 from . import losses
@@ -24,7 +22,7 @@ from .flux.flow import noised
 from .lora import trained_lora
 from .lora_file import LoraFile
 from .merge import stack
-from .neighbours import NeighbourConfig, mine
+from .neighbours import NeighbourConfig, perturb_rows
 from .tokens import shuffle_words
 from .train import EraseConfig, EraseResult, Eraser, _uniform
 
@@ -69,12 +67,7 @@ class RealEraEraser(Eraser):
     def _perturbed(self, prompts: list[str], rows: list[list[int]]) -> TextCond:
         """The prompts with the given token rows moved to a freshly mined neighbour of themselves."""
         text = self.world.encode(prompts)
-        seq = text.sequence.clone()
-        for b, idx in enumerate(rows):
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen))
-            near, _ = mine(seq[b, idx], replace(self.neighbour_cfg, m=1, n=0, seed=seed))
-            seq[b, idx] = near[0]
-        return TextCond(seq, text.pooled)
+        return TextCond(perturb_rows(text.sequence, rows, "near", self.neighbour_cfg, self.gen), text.pooled)
 
     def lower_step(self) -> dict[str, float]:
         prompts, anchors, x_t, t = self._batch()

@@ -31,11 +31,13 @@ from .flux.attention import AttentionPatch
 from .flux.backend import TextCond
 from .flux.flow import noised
 from .lora import attach_lora, teacher_mode
+from .neighbours import NeighbourConfig, perturb_rows
 from .tokens import replace_word, shuffle_words
 
 log = logging.getLogger("erase_flux.train")
 
-Method = Literal["eraseanything", "esd", "ca", "realera"]
+Method = Literal["eraseanything", "eraseanything+neighbors", "esd", "ca", "realera"]
+EA_METHODS = ("eraseanything", "eraseanything+neighbors")
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,9 @@ class EraseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("eraseanything", "esd", "ca", "realera"):
-            raise ValueError(f"method={self.method!r} is unknown; choose eraseanything, esd, ca or realera "
+        if self.method not in (*EA_METHODS, "esd", "ca", "realera"):
+            raise ValueError(f"method={self.method!r} is unknown; choose eraseanything, eraseanything+neighbors, "
+                             "esd, ca or realera "
                              "(uce is the closed form alone: erase_core.sandbox.closed_form)")
         if self.esd_negative not in ("empty", "without_concept"):
             raise ValueError(f"esd_negative={self.esd_negative!r} is unknown; choose empty or without_concept")
@@ -179,6 +182,9 @@ class Eraser:
         t = _uniform(cfg.batch, cfg.t_range, self.gen)
         x_t = noised(x0, noise, t)
         text = self.world.encode(prompts)
+        if cfg.method == "eraseanything+neighbors":  # RealEra's mined neighbours join the erase set (half the rows)
+            rows = [self.world.token_indices(p, w) if self.rng.random() < 0.5 else [] for p, w in zip(prompts, words)]
+            text = TextCond(perturb_rows(text.sequence, rows, "near", NeighbourConfig(), self.gen), text.pooled)
         with torch.no_grad(), teacher_mode(self.model, self.params):
             if cfg.method == "ca":
                 anchor = self.world.encode([c.substitute(p, c.anchor) for p in prompts])
@@ -192,7 +198,7 @@ class Eraser:
                 v_u = self._velocity(x_t, t, negative, "teacher")
                 v_c = self._velocity(x_t, t, text, "teacher")
         out: dict[str, float] = {}
-        use_attn = cfg.method == "eraseanything" and cfg.lambda_attn > 0
+        use_attn = cfg.method in EA_METHODS and cfg.lambda_attn > 0
         idx = [self.world.token_indices(p, w) for p, w in zip(prompts, words)]
         with AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True, capture=use_attn) as patch:
             v_pred = self._velocity(x_t, t, text, "student")
@@ -230,13 +236,32 @@ class Eraser:
                 l_pres = losses.flow_loss(v, x0, noise)
             loss = loss + cfg.lambda_preserve * l_pres
             out["preserve"] = l_pres.item()
-        if cfg.method == "eraseanything" and cfg.lambda_rsc > 0 and c.synonyms and c.irrelevant:
+        if cfg.method == "eraseanything+neighbors" and cfg.lambda_preserve > 0:
+            l_far = self._beyond_concept_loss()
+            loss = loss + cfg.lambda_preserve * l_far
+            out["beyond"] = l_far.item()
+        if cfg.method in EA_METHODS and cfg.lambda_rsc > 0 and c.synonyms and c.irrelevant:
             l_rsc = self._rsc_loss()
             loss = loss + cfg.lambda_rsc * l_rsc
             out["rsc"] = l_rsc.item()
         if out:
             self._step(loss)
         return out
+
+    def _beyond_concept_loss(self) -> torch.Tensor:
+        """RealEra's beyond-concept regularisation: the concept's rows moved beyond its neighbourhood keep the frozen
+        base's velocity."""
+        cfg, c = self.cfg, self.concept
+        prompts = [shuffle_words(self.rng.choice(c.prompts), self.rng, keep=c.word) for _ in range(cfg.batch)]
+        text = self.world.encode(prompts)
+        rows = [self.world.token_indices(p, c.word) for p in prompts]
+        far = TextCond(perturb_rows(text.sequence, rows, "far", NeighbourConfig(), self.gen), text.pooled)
+        x0 = self.concept_x0[torch.randint(0, len(self.concept_x0), (cfg.batch,), generator=self.gen)]
+        t = _uniform(cfg.batch, cfg.t_range, self.gen)
+        x_t = noised(x0, torch.randn(x0.shape, generator=self.gen), t)
+        with torch.no_grad(), teacher_mode(self.model, self.params):
+            v_base = self._velocity(x_t, t, far, "teacher")
+        return losses.anchor_loss(self._velocity(x_t, t, far, "student"), v_base)
 
     def _rsc_loss(self) -> torch.Tensor:
         """Attention features of the concept, a synonym and K irrelevant concepts, each at its own token indices,
@@ -333,7 +358,7 @@ class Eraser:
             try:
                 for _ in range(self.cfg.inner_steps):
                     logs.update(self.lower_step())
-                if self.cfg.method == "eraseanything":
+                if self.cfg.method in EA_METHODS:
                     for _ in range(self.cfg.upper_steps):
                         logs.update(self.upper_step())
             except NonFiniteLoss:

@@ -38,3 +38,26 @@ def test_labels_are_nearest_vocabulary_words():
     samples = torch.tensor([[[1.0, 0.2, 0, 0]], [[0, 0, 0.1, 1.0]]])
     labels = nearest_labels(samples, table, words, k=2)
     assert [w for w, _ in labels[0]] == ["red", "orange"] and labels[1][0][0] == "green"
+
+
+def test_perturb_rows_moves_only_the_given_rows():
+    from erase_core.neighbours import perturb_rows
+
+    seq = torch.randn(3, 6, 16)
+    gen = torch.Generator().manual_seed(0)
+    out = perturb_rows(seq, [[1, 2], [], [4]], "near", NeighbourConfig(), gen)
+    changed = (out != seq).any(-1)
+    assert changed.tolist() == [[False, True, True, False, False, False], [False] * 6,
+                                [False, False, False, False, True, False]]
+    far = perturb_rows(seq, [[1, 2], [], [4]], "far", NeighbourConfig(), gen)
+    d = (far[0, 1:3] - seq[0, 1:3]).flatten().norm() / seq[0, 1:3].flatten().norm()
+    assert 0.6 <= d <= 1.5 + 1e-5
+
+
+def test_eraseanything_with_neighbours_trains(world):
+    from erase_core.sandbox.erase_sets import sandbox_concept_set
+    from erase_core.train import EraseConfig, erase
+
+    res = erase(world, sandbox_concept_set("red"), EraseConfig(method="eraseanything+neighbors", steps=2, batch=4,
+                                                                 base_samples=4, preserve_images=1))
+    assert {"esd", "attn", "preserve", "beyond", "rsc"} <= set(res.history[-1].losses)
