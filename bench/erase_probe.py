@@ -7,7 +7,11 @@ import json
 import sys
 import time
 
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 from erase_core.sandbox.pipeline import SandboxWorld
 from erase_core.sandbox.erase_sets import sandbox_concept_set
