@@ -4,16 +4,21 @@ The concept's embedding e is the text encoder's output at the concept's tokens (
 paper), flattened to one vector: the rows the text K/V projections of Flux's dual-stream blocks consume. A sample
 is e + η with
 
-    v ~ N(0, I),   v̂ = (v − e) / ‖v − e‖,   r ~ U[lo, hi],   η = r · v̂,
+    v ~ N(0, σ²I),   v̂ = (v − e) / ‖v − e‖,   r ~ U[lo, hi],   η = r · v̂,   σ = ‖e‖ / √dim(e),
 
 kept as a **neighbour** when r ∈ [0, D1] and S2 ≤ cos(e, e + η) ≤ S1, and as a **beyond-concept** sample when
 r ∈ [D1, D2) and cos(e, e + η) < S2.
 
-Radii are given relative to ‖e‖ (``d1 = 0.6`` means 0.6 ‖e‖), so the same defaults serve the sandbox and T5-XXL,
-whose per-token output norms differ by an order of magnitude. In high dimension v̂ is nearly orthogonal to e, so
-cos(e, e + η) ≈ 1 / √(1 + (r/‖e‖)²): the defaults D1 = 0.6, S1 = 0.995, S2 = 0.85 keep neighbours at
-r/‖e‖ ∈ [0.1, 0.6] (closer is the concept itself, farther is something else), and beyond-concept samples at
-r/‖e‖ ∈ [0.62, D2 = 1.5] with cos < 0.85. (SD's CLIP numbers do not transfer: CLIP token outputs are ~28 in norm.)
+Radii are given relative to ‖e‖ (``d1 = 0.8`` means 0.8 ‖e‖) and v is drawn at e's own scale (σ = ‖e‖/√D; the
+paper's N(0, I) is the case ‖e‖ = √D, e.g. LayerNorm outputs like the sandbox's), so the geometry of the samples —
+the cosine at a given relative radius — is the same for any embedding scale, and the defaults carry over to T5-XXL.
+Since ‖v‖ ≈ ‖e‖, v̂ leans toward −e and the cosine falls faster than 1/√(1 + (r/‖e‖)²). The defaults come from a measurement
+(``bench/neighbour_radius.py``, sandbox, 8 samples per point): for ``red``/``west``/``moon`` the base model still
+draws the concept in ≥ 94 % of samples up to r = 0.8 ‖e‖ (cos ≈ 0.6–0.75), 29–55 % at 1.0–1.2 ‖e‖ (cos ≈ 0.25) and
+12 % / 8 % / 54 % at 1.2–1.6 ‖e‖ (cos ≈ 0). So neighbours are r ≤ D1 = 0.8 with cos ∈ [S2, S1 = 0.995] (closer
+is the concept itself), and beyond-concept samples are r ∈ [0.8, D2 = 1.6) with cos < S2 = 0.2, which in practice
+keeps only r ≳ 1.2 ‖e‖: preserving samples that still draw the concept would preserve the concept.
+(SD's CLIP numbers do not transfer: the scales differ.)
 """
 from __future__ import annotations
 
@@ -26,10 +31,10 @@ import torch
 class NeighbourConfig:
     """Bounds of the mined samples; validated on creation."""
 
-    d1: float = 0.6  # neighbour radius bound, × ‖e‖
-    d2: float = 1.5  # beyond-concept radius bound, × ‖e‖
+    d1: float = 0.8  # neighbour radius bound, × ‖e‖
+    d2: float = 1.6  # beyond-concept radius bound, × ‖e‖
     s1: float = 0.995  # neighbours: cos(e, e + η) ≤ S1 (not the concept itself)
-    s2: float = 0.85  # neighbours: cos ≥ S2; beyond-concept: cos < S2
+    s2: float = 0.2  # neighbours: cos ≥ S2; beyond-concept: cos < S2
     m: int = 8  # neighbours
     n: int = 8  # beyond-concept samples
     seed: int = 0
@@ -56,7 +61,7 @@ def _draw(e: torch.Tensor, lo: float, hi: float, keep, count: int, gen: torch.Ge
         if drawn >= max_draws:
             raise ValueError(f"only {sum(len(f) for f in found)} of {count} {what} samples met the bounds in "
                              f"{drawn} draws; widen the cosine bounds (s1/s2) or the radii (d1/d2)")
-        v = torch.randn(batch, flat.numel(), generator=gen, dtype=torch.float64)
+        v = torch.randn(batch, flat.numel(), generator=gen, dtype=torch.float64) * (scale / flat.numel() ** 0.5)
         direction = v - flat
         direction = direction / direction.norm(dim=1, keepdim=True)
         r = (lo + (hi - lo) * torch.rand(batch, 1, generator=gen, dtype=torch.float64)) * scale
