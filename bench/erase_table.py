@@ -71,6 +71,24 @@ class SuppressedWorld:
             return self.world.sample(prompts, seed=seed, patch=patch, **kw)
 
 
+def train_method(world, cs, method: str, steps: dict):
+    """The erased transformer of one method: the trainer's methods, or the closed form (uce) / RealEra."""
+    import copy
+
+    from erase_core.lora import apply_lora
+
+    if method == "uce":
+        from erase_core.sandbox.closed_form import closed_form_erase
+
+        return apply_lora(copy.deepcopy(world.transformer), closed_form_erase(world, cs))
+    if method == "realera":
+        from erase_core.realera import realera
+
+        _, lf = realera(world, cs, EraseConfig(method="realera", **steps))
+        return apply_lora(copy.deepcopy(world.transformer), lf)
+    return erase(world, cs, EraseConfig(method=method, **steps)).model
+
+
 def row(name: str, method: str, m: EraseMetrics, base: EraseMetrics, seconds: float) -> dict:
     return {"concept": name, "category": CONCEPTS[name].category, "method": method, "acc_e": m.acc_e,
             "acc_ir": m.acc_ir, "acc_ir_of_base": 100 * m.acc_ir / max(base.acc_ir, 1e-9), "acc_g": m.acc_g,
@@ -99,7 +117,8 @@ def main():
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="erase steps (default: EraseConfig's)")
     p.add_argument("--ablation", default="", help="comma-separated concepts to run the loss/design ablation on")
-    p.add_argument("--methods", default="esd,ca,eraseanything")
+    p.add_argument("--methods", default="esd,ca,eraseanything",
+                   help="comma-separated: esd, ca, eraseanything, eraseanything+neighbors, uce, realera")
     p.add_argument("--out", type=Path, default=Path("bench/results/erase"))
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
@@ -119,10 +138,10 @@ def main():
         steps = {"steps": args.steps} if args.steps else {}
         for method in args.methods.split(","):
             t = time.time()
-            res = erase(world, cs, EraseConfig(method=method, **steps))
-            m = evaluate_erasure(world, name, transformer=res.model, samples=args.samples, others=others)
+            model = train_method(world, cs, method, steps)
+            m = evaluate_erasure(world, name, transformer=model, samples=args.samples, others=others)
             rows.append(row(name, method, m, base, time.time() - t))
-            models[method] = res.model
+            models[method] = model
         prompt = concept_prompt(name, CONCEPTS[name].axis)
         tiles = [render.to_pil(im, 3) for im in world.sample([prompt] * 8, seed=5)]
         for method, model in models.items():
