@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     mg.add_argument("--report", type=Path, default=None,
                     help="also write the interference report as REPORT.json and a heatmap REPORT.png")
+    mg.add_argument("--evaluate", type=_positive_int, default=None, metavar="SAMPLES",
+                    help="sandbox: also measure, per concept, the share of its single-LoRA erasure that survives "
+                         "the merge, on this many samples")
     mg.add_argument("--world", type=Path, default=None,
                     help="closed_form: sandbox weights folder that provides the inputs (default: the shipped one)")
 

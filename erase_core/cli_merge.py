@@ -31,6 +31,32 @@ def closed_form_inputs(world, loras, preserve: list[str] | None):
     return concept_inputs, preserve_inputs
 
 
+def survival(loras, merged, samples: int, world_dir=None) -> dict:
+    """Sandbox only: per LoRA's concept, the share of its single-LoRA erasure that survives the merge,
+    (base − merged) / (base − single), from the classifier on ``samples`` images of the concept's plain prompt."""
+    import copy
+
+    from .evaluate import found_rate
+    from .lora import apply_lora
+    from .sandbox.pipeline import SandboxWorld
+    from .sandbox.prompts import concept_prompt
+    from .sandbox.world import CONCEPTS, concept as lookup
+
+    world = SandboxWorld.load(world_dir)
+    merged_model = apply_lora(copy.deepcopy(world.transformer), merged)
+    out = {}
+    for lf in loras:
+        name = lookup(str(lf.meta.get("concept"))).name
+        prompt = concept_prompt(name, CONCEPTS[name].axis)
+        base = found_rate(world, prompt, name, samples, seed=4242)
+        single = found_rate(world, prompt, name, samples, seed=4242,
+                            transformer=apply_lora(copy.deepcopy(world.transformer), lf))
+        after = found_rate(world, prompt, name, samples, seed=4242, transformer=merged_model)
+        out[name] = {"base": base, "single": single, "merged": after,
+                     "share_kept": (base - after) / (base - single) if base > single else None}
+    return out
+
+
 def run(args) -> int:
     from . import render
     from .io import atomic_write_text
@@ -55,6 +81,8 @@ def run(args) -> int:
     cos = interference(loras)
     report = {"out": str(args.out), "mode": cfg.mode, "weights": merged.meta["merge"]["weights"],
               "ranks": sorted({m.rank for m in merged.modules.values()}), "interference": interference_summary(cos)}
+    if args.evaluate:
+        report["survival"] = survival(loras, merged, args.evaluate, args.world)
     if args.report:
         mean = torch.stack([c.abs() for c in cos.values()]).mean(0)
         report["pairwise_mean_abs_cos"] = {"names": names, "matrix": mean.tolist()}

@@ -160,3 +160,21 @@ def test_merge_command(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["merge", str(paths[0]), "--weights", "0", "--mode", "sum", "--out", str(tmp_path / "z.safetensors")]) == 2
     assert "all zero" in capsys.readouterr().err
+
+
+def test_merge_command_measures_survival_on_the_sandbox(tmp_path, capsys, world):
+    from erase_core.cli import main
+    from erase_core.lora_file import LoraFile
+    from erase_core.sandbox.closed_form import closed_form_erase
+    from erase_core.sandbox.erase_sets import sandbox_concept_set
+
+    paths = []
+    for name in ("west", "east"):
+        lf = closed_form_erase(world, sandbox_concept_set(name), n_prompts=4)
+        paths.append(write_lora_file(LoraFile(lf.modules, {"concept": name}), tmp_path / f"{name}.safetensors"))
+    assert main(["merge", *map(str, paths), "--mode", "concat", "--evaluate", "8",
+                 "--out", str(tmp_path / "m.safetensors")]) == 0
+    survival = json.loads(capsys.readouterr().out)["survival"]
+    assert set(survival) == {"west", "east"}
+    for r in survival.values():
+        assert r["base"] >= 75 and r["single"] <= r["base"] and 0 <= r["merged"] <= 100
