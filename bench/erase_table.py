@@ -63,9 +63,9 @@ class SuppressedWorld:
             idx = [word_token_indices(self.world.tokenizer, p, self.word) for p in prompts]
         except ValueError:
             return self.world.sample(prompts, seed=seed, **kw)
-        tr = self.world.transformer
-        blocks = [f"double.{i}" for i in range(len(tr.transformer_blocks))] + \
-                 [f"single.{i}" for i in range(len(tr.single_transformer_blocks))]
+        from erase_core.demo import all_blocks
+
+        tr, blocks = self.world.transformer, all_blocks(self.world)
         with AttentionPatch(tr, idx, capture=False, suppress=0.0, blocks=[], suppress_blocks=blocks,
                             suppress_rows="all") as patch:
             return self.world.sample(prompts, seed=seed, patch=patch, **kw)

@@ -136,10 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     nb = sub.add_parser("neighbors", help="RealEra neighbour mining of a concept: labelled samples and what the "
                         "base (and an erased) model draws from each")
     nb.add_argument("--concept", required=True, help="the concept word (a sandbox concept or alias)")
-    nb.add_argument("--d1", type=float, default=0.8, help="neighbour radius bound, in units of the concept's norm")
-    nb.add_argument("--d2", type=float, default=1.6, help="beyond-concept radius bound, same units")
-    nb.add_argument("--s1", type=float, default=0.995, help="neighbours: cos(e, e+η) ≤ S1")
-    nb.add_argument("--s2", type=float, default=0.2, help="neighbours: cos ≥ S2; beyond-concept: cos < S2")
+    from .neighbours import NeighbourConfig
+
+    nd = NeighbourConfig()
+    nb.add_argument("--d1", type=float, default=nd.d1, help="neighbour radius bound, in units of the concept's norm")
+    nb.add_argument("--d2", type=float, default=nd.d2, help="beyond-concept radius bound, same units")
+    nb.add_argument("--s1", type=float, default=nd.s1, help="neighbours: cos(e, e+η) ≤ S1")
+    nb.add_argument("--s2", type=float, default=nd.s2, help="neighbours: cos ≥ S2; beyond-concept: cos < S2")
     nb.add_argument("--m", type=int, default=6, help="number of neighbours")
     nb.add_argument("--n", type=int, default=3, help="number of beyond-concept samples")
     nb.add_argument("--samples", type=_positive_int, default=8, help="images per sample for the rates")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .lora_file import LoraModule
+from .merge import refactor
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,8 @@ def solve_edit(w_org: torch.Tensor, e: torch.Tensor, e_star: torch.Tensor, p: to
 
 
 def truncate_energy(m: LoraModule, energy: float, max_rank: int) -> LoraModule:
-    """The smallest-rank LoRA (≤ ``max_rank``) keeping ``energy`` of ΔW's Σσ², via QR of the factors."""
-    qu, ru = torch.linalg.qr(m.up.double())
-    qd, rd = torch.linalg.qr(m.down.double().T)
-    u, s, vh = torch.linalg.svd(m.scale * ru @ rd.T)
+    """The smallest-rank LoRA (≤ ``max_rank``) keeping ``energy`` of ΔW's Σσ² (truncated SVD via :func:`refactor`)."""
+    s = torch.linalg.svdvals(m.scale * torch.linalg.qr(m.up.double())[1] @ torch.linalg.qr(m.down.double().T)[1].T)
     share = torch.cumsum(s ** 2, 0) / (s ** 2).sum().clamp(min=1e-30)
     r = int(min(max_rank, int((share < energy - 1e-12).sum().item()) + 1, s.numel()))
-    root = s[:r].sqrt()
-    return LoraModule(((root[:, None] * vh[:r]) @ qd.T).float(), (qu @ (u[:, :r] * root)).float(), float(r))
+    return refactor(m, r)

@@ -1,7 +1,6 @@
 """Erase-LoRAs on Flux through peft: attach, toggle for the frozen teacher, export in diffusers/PEFT key layout."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from .flux.backend import unwrap
 from .lora_file import (LoraFile, LoraModule, check_against, diffusers_tensors,
-                        model_fingerprint, model_geometry, peft_metadata, read_lora, read_lora_file, write_lora_file)
+                        model_fingerprint, model_geometry, pattern_value, peft_metadata, read_lora, read_lora_file, write_lora_file)
 
 ADAPTER = "erase"
 DUAL_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_q", "to_k", "to_v", "to_add_out", "to_out.0")
@@ -79,16 +78,9 @@ def trained_lora(model: nn.Module, metadata: dict | None = None) -> LoraFile:
             continue
         name = key.split(".lora_A.")[0]
         up = sd[key.replace(".lora_A.", ".lora_B.")]
-        alpha = _pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
+        alpha = pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
         modules[name] = LoraModule(down.detach().float().cpu(), up.detach().float().cpu(), float(alpha))
     return LoraFile(modules, dict(metadata or {}))
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
 
 
 def save_lora(model: nn.Module, path: str | Path, metadata: dict, overwrite: bool = False) -> Path:

@@ -127,15 +127,20 @@ def _split_native(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float)
     return out
 
 
+def pattern_value(patterns: dict | None, module: str, default):
+    """The value of the first peft ``*_pattern`` key matching ``module`` (peft's own rule), else ``default``."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
 def _peft_alpha(module: str, rank: int, peft_meta: dict | None) -> float:
     """Alpha of ``module`` from a peft config (alpha_pattern wins, then lora_alpha); rank when absent."""
     if not peft_meta:
         return float(rank)
     cfg = {k.removeprefix("transformer."): v for k, v in peft_meta.items()}
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return float(value)
-    return float(cfg.get("lora_alpha", rank))
+    return float(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", rank)))
 
 
 def parse_lora(tensors: dict[str, torch.Tensor], header: dict | None = None) -> tuple[LoraFile, list[str]]:

@@ -82,8 +82,7 @@ class RealEraEraser(Eraser):
         out = {"align" if odd else "align_neighbour": loss.item()}
         if not odd and self.concept.preserve_prompts:
             kept = [self.rng.choice(self.concept.preserve_prompts) for _ in prompts]
-            real = [[i for i, tok in enumerate(ids.tolist()) if tok > 1] for ids in self.world.tokenize(kept)]
-            cond_p = self._perturbed(kept, real)
+            cond_p = self._perturbed(kept, self.world.content_rows(kept))
             with torch.no_grad():
                 target_p = self.original.velocity(x_t, t, cond_p)
                 self.forwards["teacher"] += len(prompts)

@@ -86,7 +86,7 @@ def closed_form_erase(world, cs: ConceptSet, cfg: ClosedFormConfig = ClosedFormC
     if cs.preserve_prompts:
         pp = list(cs.preserve_prompts)
         text_p = world.encode(pp)
-        real = [[i for i, tok in enumerate(ids.tolist()) if tok > 1] for ids in world.tokenize(pp)]  # no pad/eos
+        real = world.content_rows(pp)
         xp = world.sample_latents(pp, seed=seed + 1, steps=8, text=text_p)
         st = [(noised(xp, world.noise(len(pp), seed + 31 * (i + 1)), torch.full((len(pp),), float(t))),
                torch.full((len(pp),), float(t))) for i, t in enumerate(cfg.times)]
