@@ -46,7 +46,8 @@ def attach_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: fl
                      init_lora_weights=True, lora_dropout=0.0)
     inner.add_adapter(cfg, adapter_name=ADAPTER)
     params = [p for n, p in inner.named_parameters() if "lora_" in n]
-    for p in params:
+    for p in params:  # LoRA in fp32 on any base dtype (bf16/fp8 bases lose small updates otherwise)
+        p.data = p.data.float()
         p.requires_grad_(True)
     return params
 

@@ -14,6 +14,7 @@ with one LoRA and one AdamW. The teacher is the same model with the LoRA disable
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -138,16 +139,19 @@ def _uniform(n: int, lo_hi: tuple[float, float], gen: torch.Generator) -> torch.
 class Eraser:
     """Trains one erase-LoRA on a copy of the world's transformer."""
 
-    def __init__(self, world, concept: ConceptSet, config: EraseConfig, transformer=None):
+    def __init__(self, world, concept: ConceptSet, config: EraseConfig, transformer=None, in_place: bool = False):
+        """``in_place=True`` attaches the LoRA to ``transformer`` itself instead of a copy (a 12 B Flux has no room
+        for a second copy); the teacher is that model with the LoRA disabled either way."""
         self.world, self.concept, self.cfg = world, concept, config
         base = transformer if transformer is not None else world.transformer
-        self.model = copy.deepcopy(base)
+        self.model = base if in_place else copy.deepcopy(base)
         self.params = attach_lora(self.model, config.targets, config.rank, config.alpha, seed=config.seed)
         self.backend = world.backend(self.model)
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.forwards = {"teacher": 0, "student": 0}
+        self._terms: list[tuple[torch.Tensor, AttentionPatch | None]] = []  # this step's weighted loss terms
         self._prepare()
 
     # --- data made by the base model itself ---------------------------------------------------------------------
@@ -178,8 +182,8 @@ class Eraser:
             prompts = [c.substitute(p, w) for p, w in zip(prompts, words)]
         pick = torch.randint(0, len(self.concept_x0), (cfg.batch,), generator=self.gen)
         x0 = self.concept_x0[pick]
-        noise = torch.randn(x0.shape, generator=self.gen)
-        t = _uniform(cfg.batch, cfg.t_range, self.gen)
+        noise = self._randn(x0)
+        t = _uniform(cfg.batch, cfg.t_range, self.gen).to(x0.device)
         x_t = noised(x0, noise, t)
         text = self.world.encode(prompts)
         if cfg.method == "eraseanything+neighbors":  # RealEra's mined neighbours join the erase set (half the rows)
@@ -200,7 +204,8 @@ class Eraser:
         out: dict[str, float] = {}
         use_attn = cfg.method in EA_METHODS and cfg.lambda_attn > 0
         idx = [self.world.token_indices(p, w) for p, w in zip(prompts, words)]
-        with AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True, capture=use_attn) as patch:
+        patch = AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True, capture=use_attn)
+        with patch:
             v_pred = self._velocity(x_t, t, text, "student")
         if cfg.method == "ca":
             loss = losses.anchor_loss(v_pred, v_anchor)
@@ -213,19 +218,19 @@ class Eraser:
             l_attn = losses.attention_loss(maps, patch.result.valid)
             loss = loss + cfg.lambda_attn * l_attn
             out["attn"] = l_attn.item()
-        self._step(loss)
+        self._terms.append((loss, patch))
+        self._step()
         return out
 
     # --- upper level: preserve ------------------------------------------------------------------------------------
     def upper_step(self) -> dict[str, float]:
         cfg, c = self.cfg, self.concept
         out: dict[str, float] = {}
-        loss = torch.zeros(())
         if self.preserve and cfg.lambda_preserve > 0:
             rows = [self.preserve[self.rng.randrange(len(self.preserve))] for _ in range(cfg.batch)]
             x0 = torch.stack([x for _, x in rows])
-            noise = torch.randn(x0.shape, generator=self.gen)
-            t = _uniform(cfg.batch, cfg.t_range, self.gen)
+            noise = self._randn(x0)
+            t = _uniform(cfg.batch, cfg.t_range, self.gen).to(x0.device)
             x_t, text = noised(x0, noise, t), self.world.encode([p for p, _ in rows])
             v = self._velocity(x_t, t, text, "student")
             if cfg.preserve_target == "teacher":
@@ -234,18 +239,18 @@ class Eraser:
                 l_pres = losses.anchor_loss(v, v_base)
             else:
                 l_pres = losses.flow_loss(v, x0, noise)
-            loss = loss + cfg.lambda_preserve * l_pres
+            self._terms.append((cfg.lambda_preserve * l_pres, None))
             out["preserve"] = l_pres.item()
         if cfg.method == "eraseanything+neighbors" and cfg.lambda_preserve > 0:
             l_far = self._beyond_concept_loss()
-            loss = loss + cfg.lambda_preserve * l_far
+            self._terms.append((cfg.lambda_preserve * l_far, None))
             out["beyond"] = l_far.item()
         if cfg.method in EA_METHODS and cfg.lambda_rsc > 0 and c.synonyms and c.irrelevant:
-            l_rsc = self._rsc_loss()
-            loss = loss + cfg.lambda_rsc * l_rsc
+            l_rsc, patch = self._rsc_loss()
+            self._terms.append((cfg.lambda_rsc * l_rsc, patch))
             out["rsc"] = l_rsc.item()
         if out:
-            self._step(loss)
+            self._step()
         return out
 
     def _beyond_concept_loss(self) -> torch.Tensor:
@@ -257,13 +262,13 @@ class Eraser:
         rows = [self.world.token_indices(p, c.word) for p in prompts]
         far = TextCond(perturb_rows(text.sequence, rows, "far", NeighbourConfig(), self.gen), text.pooled)
         x0 = self.concept_x0[torch.randint(0, len(self.concept_x0), (cfg.batch,), generator=self.gen)]
-        t = _uniform(cfg.batch, cfg.t_range, self.gen)
-        x_t = noised(x0, torch.randn(x0.shape, generator=self.gen), t)
+        t = _uniform(cfg.batch, cfg.t_range, self.gen).to(x0.device)
+        x_t = noised(x0, self._randn(x0), t)
         with torch.no_grad(), teacher_mode(self.model, self.params):
             v_base = self._velocity(x_t, t, far, "teacher")
         return losses.anchor_loss(self._velocity(x_t, t, far, "student"), v_base)
 
-    def _rsc_loss(self) -> torch.Tensor:
+    def _rsc_loss(self) -> tuple[torch.Tensor, AttentionPatch]:
         """Attention features of the concept, a synonym and K irrelevant concepts, each at its own token indices,
         from one shared x_t (the paper fixes the starting latent)."""
         c = self.concept
@@ -272,13 +277,14 @@ class Eraser:
         prompts = [c.substitute(base, w) for w in words]
         idx = [self.world.token_indices(p, w) for p, w in zip(prompts, words)]
         x0 = self.concept_x0[torch.randint(0, len(self.concept_x0), (1,), generator=self.gen)]
-        t = _uniform(1, self.cfg.rsc_t_range, self.gen)
-        x_t = noised(x0, torch.randn(x0.shape, generator=self.gen), t).expand(len(prompts), -1, -1)
-        with AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True) as patch:
+        t = _uniform(1, self.cfg.rsc_t_range, self.gen).to(x0.device)
+        x_t = noised(x0, self._randn(x0), t).expand(len(prompts), -1, -1)
+        patch = AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True)
+        with patch:
             self._velocity(x_t, t.expand(len(prompts)), self.world.encode(prompts), "student")
         maps = torch.stack(list(patch.result.maps.values())).mean(0)  # (P, K, h, w)
         feats = (maps * patch.result.valid[..., None, None].to(maps)).sum(1).flatten(1)  # (P, h*w)
-        return losses.reverse_self_contrastive(feats[:1], feats[1:2], feats[2:][None], self.cfg.tau)
+        return losses.reverse_self_contrastive(feats[:1], feats[1:2], feats[2:][None], self.cfg.tau), patch
 
     # --- loop -----------------------------------------------------------------------------------------------------
     def _attn_blocks(self) -> list[str]:
@@ -286,12 +292,23 @@ class Eraser:
             return list(self.cfg.attn_blocks)
         return [f"double.{i}" for i in range(len(self.backend.dual_blocks()))]
 
-    def _step(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss.item()} at this step; lower lr (now {self.cfg.lr}) or the "
+    def _randn(self, like: torch.Tensor) -> torch.Tensor:
+        """Noise from the trainer's CPU generator (the same on every device), moved to ``like``'s device."""
+        return torch.randn(like.shape, generator=self.gen).to(like)
+
+    def _step(self) -> None:
+        """One optimiser step on the sum of this step's terms, back-propagated term by term (the same gradient):
+        with gradient checkpointing, backward re-runs each forward, so a term's attention patch must be in place again
+        while (and only while) its own forward is recomputed."""
+        terms, self._terms = self._terms, []
+        total = sum(loss.detach() for loss, _ in terms)
+        if not torch.isfinite(total):
+            raise NonFiniteLoss(f"loss became {total.item()} at this step; lower lr (now {self.cfg.lr}) or the "
                                 "loss weights, and resume from the last checkpoint")
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for loss, patch in terms:
+            with patch if patch is not None else contextlib.nullcontext():
+                loss.backward()
         self.opt.step()
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from torch import nn
 from .backend import unwrap
 
 TokenSelection = Sequence[int] | Sequence[Sequence[int]]
+CHUNK_BYTES = 256 * 2**20  # one query chunk's fp32 attention probabilities, at most (measured: Flux-dev RSC at 1024²)
 
 
 def selection_tensor(tokens: TokenSelection, batch: int, n_txt: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,18 +77,61 @@ def image_text_probs(q_img: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, bi
         k: (B, N_txt + N_img, H, D) post-norm, post-RoPE keys, text first.
         idx: (B, K) chosen text columns.
         bias: optional additive mask (B, 1, S, S) as given to the attention.
+
+    Differentiable in q and k; autograd keeps only q and k (and the bias), never the (B, H, Q, S) probabilities:
+    backward recomputes them one query chunk at a time (:class:`_ChosenProbs`).
     """
-    scale = 1.0 / math.sqrt(q_img.shape[-1])
-    kt = k.permute(0, 2, 3, 1).float()  # (B, H, D, S)
-    out = []
-    for start in range(0, q_img.shape[1], query_chunk):
-        q = q_img[:, start:start + query_chunk].permute(0, 2, 1, 3).float()  # (B, H, Q, D)
-        logits = torch.matmul(q, kt) * scale  # (B, H, Q, S)
-        if bias is not None:
-            logits = logits + bias[:, :, n_txt + start:n_txt + start + q.shape[2], :].float()
-        probs = logits.softmax(dim=-1)[..., :n_txt].mean(dim=1)  # (B, Q, N_txt)
-        out.append(torch.gather(probs, 2, idx[:, None, :].expand(-1, probs.shape[1], -1)))
-    return torch.cat(out, dim=1).transpose(1, 2)  # (B, K, N_img)
+    rows = bias[:, :, n_txt:, :] if bias is not None else None
+    return _ChosenProbs.apply(q_img, k, idx, rows, query_chunk).transpose(1, 2)
+
+
+def _chunk_probs(q: torch.Tensor, kt: torch.Tensor, rows: torch.Tensor | None, start: int, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ/√d + bias) for one chunk of image queries (B, H, Q, S), in fp32."""
+    logits = torch.matmul(q, kt) * scale
+    if rows is not None:
+        logits = logits + rows[:, :, start:start + q.shape[2], :].float()
+    return logits.softmax(dim=-1)
+
+
+class _ChosenProbs(torch.autograd.Function):
+    """o[b, i, c] = mean_h P_h[b, i, idx[b, c]] with P = softmax(q kᵀ/√d + bias); output (B, N_img, K).
+
+    Backward, per chunk: with g scattered onto the chosen columns (÷H), dL/dlogits = P ⊙ (g − Σ_j P_j g_j),
+    dq = dlogits · k / √d, dk = dlogitsᵀ · q / √d.
+    """
+
+    @staticmethod
+    def forward(ctx, q_img, k, idx, rows, query_chunk):
+        scale = 1.0 / math.sqrt(q_img.shape[-1])
+        kt = k.permute(0, 2, 3, 1).float()  # (B, H, D, S)
+        out = []
+        for start in range(0, q_img.shape[1], query_chunk):
+            q = q_img[:, start:start + query_chunk].permute(0, 2, 1, 3).float()  # (B, H, Q, D)
+            probs = _chunk_probs(q, kt, rows, start, scale).mean(dim=1)  # (B, Q, S)
+            out.append(torch.gather(probs, 2, idx[:, None, :].expand(-1, probs.shape[1], -1)))
+        ctx.save_for_backward(q_img, k, idx, rows)
+        ctx.query_chunk, ctx.scale = query_chunk, scale
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_img, k, idx, rows = ctx.saved_tensors
+        chunk, scale = ctx.query_chunk, ctx.scale
+        heads = q_img.shape[2]
+        kf = k.permute(0, 2, 1, 3).float()  # (B, H, S, D)
+        kt = kf.transpose(-1, -2)
+        dq_img = torch.zeros_like(q_img, dtype=torch.float32)
+        dk = torch.zeros_like(kf)
+        for start in range(0, q_img.shape[1], chunk):
+            q = q_img[:, start:start + chunk].permute(0, 2, 1, 3).float()  # (B, H, Q, D)
+            probs = _chunk_probs(q, kt, rows, start, scale)
+            g = torch.zeros(probs.shape[0], probs.shape[2], probs.shape[3], device=probs.device)  # (B, Q, S)
+            g.scatter_add_(2, idx[:, None, :].expand(-1, probs.shape[2], -1), grad[:, start:start + chunk].float())
+            g = (g / heads)[:, None]  # (B, 1, Q, S): the head mean's share
+            dlogits = probs * (g - (probs * g).sum(-1, keepdim=True))
+            dq_img[:, start:start + chunk] = (torch.matmul(dlogits, kf) * scale).permute(0, 2, 1, 3)
+            dk += torch.matmul(dlogits.transpose(-1, -2), q) * scale
+        return dq_img.to(q_img.dtype), dk.permute(0, 2, 1, 3).to(k.dtype), None, None, None
 
 
 @dataclass
@@ -149,7 +193,8 @@ class AttentionPatch:
         suppress_rows: ``"image"`` (image queries only) or ``"all"`` (every query: the column is deleted).
         suppress_blocks: where suppression acts (default: the same blocks).
         grid: latent token grid (h, w) for reshaping maps; default square.
-        query_chunk: image queries per chunk when computing maps (bounds memory).
+        query_chunk: image queries per chunk when computing maps (bounds memory); default: as many as keep one
+            chunk's fp32 probabilities (B, H, Q, S) within ``CHUNK_BYTES``.
 
     The step index of a map counts the forward passes (while ``active``) since entering; set ``active = False`` around
     passes that should not be recorded, e.g. the unconditional pass of classifier-free guidance.
@@ -158,7 +203,7 @@ class AttentionPatch:
     def __init__(self, model: nn.Module, tokens: TokenSelection, blocks: Sequence[str] | None = None,
                  capture: bool = True, keep_grad: bool = False, suppress: float | None = None,
                  suppress_blocks: Sequence[str] | None = None, grid: tuple[int, int] | None = None,
-                 query_chunk: int = 1024, suppress_rows: str = "all"):
+                 query_chunk: int | None = None, suppress_rows: str = "all"):
         self.inner = unwrap(model)
         n_double, n_single = len(self.inner.transformer_blocks), len(self.inner.single_transformer_blocks)
         known = [f"double.{i}" for i in range(n_double)] + [f"single.{i}" for i in range(n_single)]
@@ -169,7 +214,7 @@ class AttentionPatch:
                 raise ValueError(f"block {name!r} does not exist; this model has {known[0]}..{known[-1]}")
         if suppress is not None and not 0.0 <= suppress < 1.0:
             raise ValueError(f"suppress={suppress} must be in [0, 1): the factor on the chosen columns (0 removes them)")
-        if query_chunk < 1:
+        if query_chunk is not None and query_chunk < 1:
             raise ValueError(f"query_chunk={query_chunk} must be ≥ 1")
         if suppress_rows not in ("image", "all"):
             raise ValueError(f"suppress_rows={suppress_rows!r} must be 'image' (image queries) or 'all' (every query)")
@@ -246,4 +291,6 @@ class AttentionPatch:
             cos, sin = rotary
             q_img = apply_rotary_emb(q_img, (cos[n_txt:], sin[n_txt:]), sequence_dim=1)
             k = apply_rotary_emb(k, rotary, sequence_dim=1)
-        return image_text_probs(q_img, k, idx, bias, n_txt, self.query_chunk)
+        b, n_img, h, _ = q_img.shape
+        chunk = self.query_chunk or max(1, CHUNK_BYTES // (4 * b * h * k.shape[1]))
+        return image_text_probs(q_img, k, idx, bias, n_txt, min(chunk, n_img))

@@ -46,11 +46,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 class DiffusersFlux:
     """Adapter over diffusers' ``FluxTransformer2DModel`` for packed latents of a fixed latent size."""
 
-    def __init__(self, model: nn.Module, latent_hw: tuple[int, int], guidance: float | None = None):
+    def __init__(self, model: nn.Module, latent_hw: tuple[int, int], guidance: float | None = None,
+                 dtype: torch.dtype | None = None):
+        """``dtype``: the compute dtype when the stored weights differ from it (e.g. fp8 storage, bf16 compute)."""
         self.model = model
         self.inner = unwrap(model)
         self.latent_hw = latent_hw
         self.guidance = guidance
+        self.dtype = dtype
         if self.inner.config.guidance_embeds and guidance is None:
             raise ValueError("this Flux model has guidance_embeds=True (dev): pass guidance, e.g. 3.5")
 
@@ -60,7 +63,7 @@ class DiffusersFlux:
     def velocity(self, x: torch.Tensor, t: torch.Tensor, text: TextCond, **attention_kwargs) -> torch.Tensor:
         """v(x_t, t, c) for packed latents x (B, N_img, 4C) and times t in [0, 1] (the model multiplies by 1000)."""
         h, w = self.latent_hw
-        dtype = self.inner.dtype
+        dtype = self.dtype or self.inner.dtype
         guidance = None
         if self.inner.config.guidance_embeds:
             guidance = torch.full((x.shape[0],), float(self.guidance), device=x.device, dtype=dtype)
