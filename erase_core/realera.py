@@ -89,7 +89,8 @@ class RealEraEraser(Eraser):
             l_keep = losses.anchor_loss(self._velocity(x_t, t, cond_p, "student"), target_p)
             loss = loss + l_keep
             out["preserve"] = l_keep.item()
-        self._step(loss)
+        self._terms.append((loss, None))
+        self._step()
         return out
 
     def upper_step(self) -> dict[str, float]:

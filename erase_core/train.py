@@ -31,7 +31,6 @@ from .concepts import ConceptSet
 from .flux.attention import AttentionPatch
 from .flux.backend import TextCond
 from .flux.flow import noised
-from .lora import attach_lora, teacher_mode
 from .neighbours import NeighbourConfig, perturb_rows
 from .tokens import replace_word, shuffle_words
 
@@ -131,6 +130,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _copy(model):
+    """A trainable copy of a ComfyUI MODEL or a torch module."""
+    if hasattr(model, "model_options") and hasattr(model, "clone"):
+        # a deep copy, as ComfyUI's own trainer does: weights loaded under inference mode cannot join autograd
+        return model.clone(force_deepcopy=True)
+    return copy.deepcopy(model)
+
+
 def _uniform(n: int, lo_hi: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
     lo, hi = lo_hi
     return lo + (hi - lo) * torch.rand(n, generator=gen)
@@ -144,9 +151,9 @@ class Eraser:
         for a second copy); the teacher is that model with the LoRA disabled either way."""
         self.world, self.concept, self.cfg = world, concept, config
         base = transformer if transformer is not None else world.transformer
-        self.model = base if in_place else copy.deepcopy(base)
-        self.params = attach_lora(self.model, config.targets, config.rank, config.alpha, seed=config.seed)
+        self.model = base if in_place else _copy(base)
         self.backend = world.backend(self.model)
+        self.params = self.backend.attach_lora(config.targets, config.rank, config.alpha, seed=config.seed)
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
@@ -158,7 +165,7 @@ class Eraser:
     @torch.no_grad()
     def _prepare(self) -> None:
         c, cfg = self.concept, self.cfg
-        with teacher_mode(self.model, self.params):
+        with self.backend.teacher():
             prompts = [c.prompts[i % len(c.prompts)] for i in range(cfg.base_samples)]
             self.concept_x0 = self.world.sample_latents(prompts, seed=cfg.seed + 10_000, transformer=self.model)
             self.preserve = []
@@ -189,7 +196,7 @@ class Eraser:
         if cfg.method == "eraseanything+neighbors":  # RealEra's mined neighbours join the erase set (half the rows)
             rows = [self.world.token_indices(p, w) if self.rng.random() < 0.5 else [] for p, w in zip(prompts, words)]
             text = TextCond(perturb_rows(text.sequence, rows, "near", NeighbourConfig(), self.gen), text.pooled)
-        with torch.no_grad(), teacher_mode(self.model, self.params):
+        with torch.no_grad(), self.backend.teacher():
             if cfg.method == "ca":
                 anchor = self.world.encode([c.substitute(p, c.anchor) for p in prompts])
                 v_anchor = self._velocity(x_t, t, anchor, "teacher")
@@ -204,7 +211,7 @@ class Eraser:
         out: dict[str, float] = {}
         use_attn = cfg.method in EA_METHODS and cfg.lambda_attn > 0
         idx = [self.world.token_indices(p, w) for p, w in zip(prompts, words)]
-        patch = AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True, capture=use_attn)
+        patch = self.backend.attention_patch(idx, blocks=self._attn_blocks(), keep_grad=True, capture=use_attn)
         with patch:
             v_pred = self._velocity(x_t, t, text, "student")
         if cfg.method == "ca":
@@ -234,7 +241,7 @@ class Eraser:
             x_t, text = noised(x0, noise, t), self.world.encode([p for p, _ in rows])
             v = self._velocity(x_t, t, text, "student")
             if cfg.preserve_target == "teacher":
-                with torch.no_grad(), teacher_mode(self.model, self.params):
+                with torch.no_grad(), self.backend.teacher():
                     v_base = self._velocity(x_t, t, text, "teacher")
                 l_pres = losses.anchor_loss(v, v_base)
             else:
@@ -264,7 +271,7 @@ class Eraser:
         x0 = self.concept_x0[torch.randint(0, len(self.concept_x0), (cfg.batch,), generator=self.gen)]
         t = _uniform(cfg.batch, cfg.t_range, self.gen).to(x0.device)
         x_t = noised(x0, self._randn(x0), t)
-        with torch.no_grad(), teacher_mode(self.model, self.params):
+        with torch.no_grad(), self.backend.teacher():
             v_base = self._velocity(x_t, t, far, "teacher")
         return losses.anchor_loss(self._velocity(x_t, t, far, "student"), v_base)
 
@@ -279,7 +286,7 @@ class Eraser:
         x0 = self.concept_x0[torch.randint(0, len(self.concept_x0), (1,), generator=self.gen)]
         t = _uniform(1, self.cfg.rsc_t_range, self.gen).to(x0.device)
         x_t = noised(x0, self._randn(x0), t).expand(len(prompts), -1, -1)
-        patch = AttentionPatch(self.model, idx, blocks=self._attn_blocks(), keep_grad=True)
+        patch = self.backend.attention_patch(idx, blocks=self._attn_blocks(), keep_grad=True)
         with patch:
             self._velocity(x_t, t.expand(len(prompts)), self.world.encode(prompts), "student")
         maps = torch.stack(list(patch.result.maps.values())).mean(0)  # (P, K, h, w)
@@ -322,7 +329,7 @@ class Eraser:
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def checkpoint(self, step: int) -> dict:
         """Everything needed to resume: LoRA and optimiser tensors, step, RNG states, the config."""
-        return {"lora": {n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_" in n},
+        return {"lora": {n: p.detach().clone() for n, p in self.backend.lora_parameters().items()},
                 "opt": copy.deepcopy(self.opt.state_dict()), "step": step, "config": self.cfg.to_dict(),
                 "rng": [list(x) if isinstance(x, tuple) else x for x in self.rng.getstate()],
                 "gen": self.gen.get_state(), "forwards": dict(self.forwards)}
@@ -341,7 +348,7 @@ class Eraser:
             diff = [k for k in state["config"] if state["config"][k] != self.cfg.to_dict().get(k)]
             raise ValueError(f"checkpoint {path} was made with another config (differs in {diff}); resume with the "
                              "same settings")
-        params = dict(self.model.named_parameters())
+        params = self.backend.lora_parameters()
         with torch.no_grad():
             for n, v in state["lora"].items():
                 params[n].copy_(v)

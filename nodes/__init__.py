@@ -1,16 +1,25 @@
 """ComfyUI V3 glue over ``erase_core``: thin node classes, one module per node family.
 
-The node families (attention inspection, suppression, erase training, LoRA merge, neighbour preview, sandbox loader)
-are built in the node-pack issue; until then the extension registers no nodes.
+Node ids are a public API (shared workflows refer to them): ``NODE_IDS`` lists them and a test pins the list.
 """
 from __future__ import annotations
 
 NODE_ID_PREFIX = "EraseFlux"
 
 
+NODE_IDS = ("EraseFlux_SandboxLoader", "EraseFlux_AttentionInspect", "EraseFlux_AttentionSuppress",
+            "EraseFlux_EraseConcept", "EraseFlux_MergeLoras", "EraseFlux_NeighbourPreview")
+
+
 def node_classes() -> list[type]:
     """The pack's node classes (imports ComfyUI's API; call only inside ComfyUI)."""
-    return []
+    from .attention import AttentionInspect, AttentionSuppress
+    from .erase import EraseConcept
+    from .merge import MergeLoras
+    from .neighbours import NeighbourPreview
+    from .sandbox_loader import SandboxLoader
+
+    return [SandboxLoader, AttentionInspect, AttentionSuppress, EraseConcept, MergeLoras, NeighbourPreview]
 
 
 def get_extension():

@@ -181,11 +181,11 @@ class _Processor:
                                kwargs)
 
 
-class AttentionPatch:
-    """Context manager that patches chosen Flux blocks to capture and/or suppress image→text attention.
+class PatchCore:
+    """What a patch does inside one attention call, whatever Flux implementation installs it (see
+    :class:`AttentionPatch` for diffusers and ``erase_core.flux.comfy.ComfyAttentionPatch`` for ComfyUI).
 
     Args:
-        model: diffusers ``FluxTransformer2DModel`` (or a peft wrapper of it).
         tokens: text token indices, one list for every prompt or one list per prompt in the batch.
         blocks: block names ``"double.i"`` / ``"single.i"``; default every dual-stream block.
         capture: record maps; ``keep_grad`` keeps them differentiable (for training losses).
@@ -200,18 +200,15 @@ class AttentionPatch:
     passes that should not be recorded, e.g. the unconditional pass of classifier-free guidance.
     """
 
-    def __init__(self, model: nn.Module, tokens: TokenSelection, blocks: Sequence[str] | None = None,
-                 capture: bool = True, keep_grad: bool = False, suppress: float | None = None,
-                 suppress_blocks: Sequence[str] | None = None, grid: tuple[int, int] | None = None,
-                 query_chunk: int | None = None, suppress_rows: str = "all"):
-        self.inner = unwrap(model)
-        n_double, n_single = len(self.inner.transformer_blocks), len(self.inner.single_transformer_blocks)
-        known = [f"double.{i}" for i in range(n_double)] + [f"single.{i}" for i in range(n_single)]
+    def __init__(self, known_blocks: list[str], n_double: int, tokens: TokenSelection,
+                 blocks: Sequence[str] | None = None, capture: bool = True, keep_grad: bool = False,
+                 suppress: float | None = None, suppress_blocks: Sequence[str] | None = None,
+                 grid: tuple[int, int] | None = None, query_chunk: int | None = None, suppress_rows: str = "all"):
         self.blocks = list(blocks) if blocks is not None else [f"double.{i}" for i in range(n_double)]
         self.suppress_blocks = list(suppress_blocks) if suppress_blocks is not None else list(self.blocks)
         for name in (*self.blocks, *self.suppress_blocks):
-            if name not in known:
-                raise ValueError(f"block {name!r} does not exist; this model has {known[0]}..{known[-1]}")
+            if name not in known_blocks:
+                raise ValueError(f"block {name!r} does not exist; this model has {known_blocks[0]}..{known_blocks[-1]}")
         if suppress is not None and not 0.0 <= suppress < 1.0:
             raise ValueError(f"suppress={suppress} must be in [0, 1): the factor on the chosen columns (0 removes them)")
         if query_chunk is not None and query_chunk < 1:
@@ -225,6 +222,48 @@ class AttentionPatch:
         self.active = True
         self.result = CapturedMaps(grid)
         self._calls: dict[str, int] = {}
+
+    def installed_blocks(self) -> list[str]:
+        """The blocks whose attention this patch must see."""
+        names = set(self.blocks) | (set(self.suppress_blocks) if self.suppress is not None else set())
+        return sorted(names, key=_block_order)
+
+    def attend(self, name: str, batch: int, n_txt: int, n_img: int, device, dtype, mask, qk) -> torch.Tensor | None:
+        """Per attention call: record the maps (``qk()`` gives post-norm, post-RoPE image queries (B, N_img, H, D)
+        and keys (B, S, H, D), text first) and return the attention mask to use (suppression added to ``mask``)."""
+        if not self.active:
+            return mask
+        idx, valid = selection_tensor(self.tokens, batch, n_txt, device)
+        if self.suppress is not None and name in self.suppress_blocks:
+            bias = suppression_bias(idx, valid, n_txt, n_img, self.suppress, dtype, self.suppress_rows)
+            if mask is not None:
+                bias = bias + (mask if mask.dtype != torch.bool else torch.where(mask, 0.0, float("-inf")).to(bias))
+            mask = bias
+        if self.capture and name in self.blocks:
+            step = self._calls.get(name, 0)
+            self._calls[name] = step + 1
+            with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
+                q_img, k = qk()
+                b, _, h, _ = q_img.shape
+                chunk = self.query_chunk or max(1, CHUNK_BYTES // (4 * b * h * k.shape[1]))
+                maps = image_text_probs(q_img, k, idx, mask, n_txt, min(chunk, n_img))
+            if not self.keep_grad:
+                maps = maps.detach()
+            h, w = self.result.grid or (int(math.isqrt(n_img)), n_img // max(1, int(math.isqrt(n_img))))
+            self.result.maps[(name, step)] = maps.reshape(maps.shape[0], maps.shape[1], h, w)
+            self.result.valid = valid
+        return mask
+
+
+class AttentionPatch(PatchCore):
+    """Context manager that patches chosen blocks of diffusers' ``FluxTransformer2DModel`` (or a peft wrapper of it)
+    to capture and/or suppress image→text attention; arguments as :class:`PatchCore`."""
+
+    def __init__(self, model: nn.Module, tokens: TokenSelection, blocks: Sequence[str] | None = None, **kw):
+        self.inner = unwrap(model)
+        n_double, n_single = len(self.inner.transformer_blocks), len(self.inner.single_transformer_blocks)
+        known = [f"double.{i}" for i in range(n_double)] + [f"single.{i}" for i in range(n_single)]
+        super().__init__(known, n_double, tokens, blocks, **kw)
         self._saved: dict[str, object] = {}
         self._n_txt: int | None = None
 
@@ -235,9 +274,7 @@ class AttentionPatch:
         return blocks[int(i)].attn
 
     def __enter__(self) -> "AttentionPatch":
-        names = sorted(set(self.blocks) | (set(self.suppress_blocks) if self.suppress is not None else set()),
-                       key=_block_order)
-        for name in names:
+        for name in self.installed_blocks():
             attn = self._attn(name)
             self._saved[name] = attn.processor
             attn.set_processor(_Processor(attn.processor, self, name))
@@ -250,7 +287,6 @@ class AttentionPatch:
 
     # --- per call ---------------------------------------------------------------------------------------------
     def _run(self, proc: _Processor, attn, hidden, enc, mask, rotary, kwargs):
-        name = proc.name
         if enc is not None:
             n_txt, n_img = enc.shape[1], hidden.shape[1]
             self._n_txt = n_txt
@@ -258,28 +294,12 @@ class AttentionPatch:
             if self._n_txt is None:
                 raise RuntimeError("a single-stream block ran before any dual-stream block; cannot locate text tokens")
             n_txt, n_img = self._n_txt, hidden.shape[1] - self._n_txt
-        if not self.active:
-            return proc.original(attn, hidden, enc, mask, rotary, **kwargs)
-        idx, valid = selection_tensor(self.tokens, hidden.shape[0], n_txt, hidden.device)
-        bias = None
-        if self.suppress is not None and name in self.suppress_blocks:
-            bias = suppression_bias(idx, valid, n_txt, n_img, self.suppress, hidden.dtype, self.suppress_rows)
-            if mask is not None:
-                bias = bias + (mask if mask.dtype != torch.bool else torch.where(mask, 0.0, float("-inf")).to(bias))
-            mask = bias
-        if self.capture and name in self.blocks:
-            step = self._calls.get(name, 0)
-            self._calls[name] = step + 1
-            with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
-                maps = self._maps(attn, hidden, enc, rotary, idx, mask, n_txt)
-            if not self.keep_grad:
-                maps = maps.detach()
-            h, w = self.result.grid or (int(math.isqrt(n_img)), n_img // max(1, int(math.isqrt(n_img))))
-            self.result.maps[(name, step)] = maps.reshape(maps.shape[0], maps.shape[1], h, w)
-            self.result.valid = valid
+        mask = self.attend(proc.name, hidden.shape[0], n_txt, n_img, hidden.device, hidden.dtype, mask,
+                           lambda: self._qk(attn, hidden, enc, rotary, n_txt))
         return proc.original(attn, hidden, enc, mask, rotary, **kwargs)
 
-    def _maps(self, attn, hidden, enc, rotary, idx, bias, n_txt) -> torch.Tensor:
+    @staticmethod
+    def _qk(attn, hidden, enc, rotary, n_txt) -> tuple[torch.Tensor, torch.Tensor]:
         heads = lambda x: x.unflatten(-1, (-1, attn.head_dim))  # noqa: E731  (B, S, H, D)
         if enc is not None:
             q_img = attn.norm_q(heads(attn.to_q(hidden)))
@@ -291,6 +311,4 @@ class AttentionPatch:
             cos, sin = rotary
             q_img = apply_rotary_emb(q_img, (cos[n_txt:], sin[n_txt:]), sequence_dim=1)
             k = apply_rotary_emb(k, rotary, sequence_dim=1)
-        b, n_img, h, _ = q_img.shape
-        chunk = self.query_chunk or max(1, CHUNK_BYTES // (4 * b * h * k.shape[1]))
-        return image_text_probs(q_img, k, idx, bias, n_txt, min(chunk, n_img))
+        return q_img, k

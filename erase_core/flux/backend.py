@@ -72,3 +72,30 @@ class DiffusersFlux:
                          img_ids=image_ids(h, w, x.device, dtype), txt_ids=text_ids(text.sequence.shape[1], x.device, dtype),
                          guidance=guidance, joint_attention_kwargs=attention_kwargs or None, return_dict=False)[0]
         return out.to(x.dtype)
+
+    # --- the trainer's hooks (same names on the ComfyUI backend) ------------------------------------------------
+    def attach_lora(self, targets, rank: int, alpha: float, seed: int = 0) -> list[nn.Parameter]:
+        """A fresh peft LoRA (B = 0) on ``targets``; returns its trainable parameters."""
+        from ..lora import attach_lora
+
+        self._lora_params = attach_lora(self.model, tuple(targets), rank, alpha, seed=seed)
+        return self._lora_params
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
+
+    def teacher(self):
+        """Context manager: the frozen base (LoRA off)."""
+        from ..lora import teacher_mode
+
+        return teacher_mode(self.model, getattr(self, "_lora_params", []))
+
+    def attention_patch(self, tokens, **kw):
+        from .attention import AttentionPatch
+
+        return AttentionPatch(self.model, tokens, **kw)
+
+    def trained_modules(self):
+        from ..lora import trained_lora
+
+        return trained_lora(self.model).modules

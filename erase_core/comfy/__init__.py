@@ -1,0 +1,1 @@
+"""Adapters from ``erase_core`` objects to ComfyUI's own types (MODEL, CLIP, VAE); ComfyUI is imported lazily."""

@@ -1,0 +1,161 @@
+"""The engine jobs behind the ComfyUI nodes, on ComfyUI's objects: inspection, erase training, neighbour preview.
+
+Each takes a :class:`~erase_core.comfy.world.ComfyWorld` and returns plain results (tensors, PIL images, LoRA files);
+the node classes in ``nodes/`` only convert types, report progress and save files.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from .. import render
+from ..concepts import ConceptSet, build_concept_set
+from ..flux.backend import TextCond
+from ..inspect import Inspection, inspection_grid, resolve_selection
+from ..lora_file import LoraFile, fingerprint, write_lora_file
+from ..neighbours import NeighbourConfig, mine
+from ..train import EraseConfig, Eraser, EraseResult, StepLog
+from .world import ComfyWorld
+
+log = logging.getLogger("erase_flux.comfy")
+
+# Offline irrelevant-concept candidates for WordNet banding when the user gives none (App. C: no_relation/far/mid)
+CANDIDATES = ("tree", "car", "mountain", "cup", "bicycle", "river", "book", "dog", "chair", "cloud", "guitar",
+              "bridge", "apple", "clock", "ship", "flower", "house", "lamp", "bird", "road")
+
+
+def split_list(text: str) -> list[str]:
+    """Comma- or newline-separated items, stripped, empty ones dropped."""
+    return [s.strip() for part in text.replace("\n", ",").split(",") for s in [part] if s.strip()]
+
+
+# --- inspection -------------------------------------------------------------------------------------------------
+def inspect(world: ComfyWorld, prompt: str, word: str, blocks: Sequence[str] | None = None,
+            steps: Sequence[int] | None = None, seed: int = 0, sample_steps: int | None = None,
+            suppress: float | None = None, transformer=None) -> Inspection:
+    """Generate one image of ``prompt`` while capturing the maps of ``word``'s tokens (every dual block by default)."""
+    idx = world.token_indices(prompt, word)
+    backend = world.backend(transformer)
+    h, w = world.latent_hw
+    with backend.attention_patch(idx, blocks=list(blocks) if blocks else None, suppress=suppress,
+                                 grid=(h // 2, w // 2)) as patch:
+        latents = world.sample_latents([prompt], seed=seed, steps=sample_steps, transformer=transformer, patch=patch)
+    images = world.decode(latents) if world.vae is not None else _grey(latents.shape[0], h * 8, w * 8)
+    cap = patch.result
+    tokens = [f"#{i}" for i in idx]
+    return Inspection(prompt, word, tokens, idx, images, cap, cap.blocks(), resolve_selection(cap.steps(), steps, "step"))
+
+
+def _grey(n: int, height: int, width: int) -> torch.Tensor:
+    return torch.full((n, 3, height, width), 0.5)
+
+
+def inspection_outputs(ins: Inspection) -> tuple[Image.Image, torch.Tensor, float]:
+    """The overlay grid, the word's mask at image size in [0, 1], and the attention mass."""
+    grid = inspection_grid(ins, scale=max(1, 256 // ins.images.shape[-1]))
+    m = ins.word_map()[0]
+    mask = render.upsample(m / m.max().clamp(min=1e-12), tuple(ins.images.shape[-2:]))
+    return grid, mask, ins.mass()
+
+
+def stack_vertically(images: list[Image.Image]) -> Image.Image:
+    w = max(i.width for i in images)
+    out = Image.new("RGB", (w, sum(i.height for i in images)), "white")
+    y = 0
+    for im in images:
+        out.paste(im, (0, y))
+        y += im.height
+    return out
+
+
+# --- erase training ---------------------------------------------------------------------------------------------
+@dataclass
+class EraseJob:
+    concept: ConceptSet
+    config: EraseConfig
+    result: EraseResult
+    lora: LoraFile
+
+
+def concept_set(word: str, prompts: list[str], synonyms: str = "auto", irrelevant: str = "auto",
+                preserve: list[str] | None = None, seed: int = 0) -> ConceptSet:
+    """The concept set from the node's text fields; "auto" = offline WordNet (synonyms; irrelevant in three bands)."""
+    word = word.strip()
+    if not word:
+        raise ValueError("concept is empty: type the word to erase, e.g. 'red'")
+    prompts = prompts or [f"a photo of {word}", f"{word}", f"an image of {word}"]
+    syn = None if synonyms.strip().lower() == "auto" else split_list(synonyms)
+    irr = None if irrelevant.strip().lower() == "auto" else split_list(irrelevant)
+    return build_concept_set(word, prompts, syn, irr, preserve or [], candidates=list(CANDIDATES), seed=seed)
+
+
+def comfy_geometry(model) -> dict:
+    """The LoRA-relevant geometry of a ComfyUI Flux, under diffusers' config names (as the engine writes them)."""
+    dm = model.model.diffusion_model
+    p = dm.params
+    return {"num_layers": len(dm.double_blocks), "num_single_layers": len(dm.single_blocks),
+            "attention_head_dim": p.hidden_size // p.num_heads, "num_attention_heads": p.num_heads,
+            "joint_attention_dim": p.context_in_dim, "pooled_projection_dim": p.vec_in_dim,
+            "in_channels": p.in_channels * 4, "guidance_embeds": bool(p.guidance_embed)}
+
+
+def erase(world: ComfyWorld, concept: ConceptSet, config: EraseConfig,
+          progress: Callable[[StepLog], None] | None = None, should_stop: Callable[[], bool] | None = None,
+          checkpoint_path: Path | None = None, resume: bool = False) -> EraseJob:
+    """Train an erase-LoRA on a clone of the world's MODEL (the base stays untouched)."""
+    eraser = Eraser(world, concept, config)
+    result = eraser.train(progress=progress, should_stop=should_stop, checkpoint_path=checkpoint_path,
+                          resume=resume and checkpoint_path is not None and Path(checkpoint_path).exists())
+    dm = world.transformer.model.diffusion_model
+    meta = {"concept": concept.word, "method": config.method, "config": config.to_dict(),
+            "synonyms": list(concept.synonyms), "irrelevant": list(concept.irrelevant),
+            "trained_in": "comfyui", "geometry": comfy_geometry(world.transformer),
+            "fingerprint": fingerprint(dm.img_in.weight, dm.txt_in.weight)}
+    return EraseJob(concept, config, result, LoraFile(eraser.backend.trained_modules(), meta))
+
+
+def loss_curve(history: list[StepLog]) -> Image.Image:
+    series: dict[str, list[tuple[float, float]]] = {}
+    for entry in history:
+        for k, v in entry.losses.items():
+            series.setdefault(k, []).append((entry.step, v))
+    return render.line_plot(series or {"(no steps)": [(0, 0.0)]}, "erase losses per outer step", "step", "loss")
+
+
+def save_lora(lora: LoraFile, path: Path, overwrite: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_lora_file(lora, path, overwrite=overwrite)
+
+
+# --- neighbours -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def neighbour_grid(world: ComfyWorld, prompt: str, word: str, cfg: NeighbourConfig, seed: int = 0,
+                   erased=None, sample_steps: int | None = None) -> Image.Image:
+    """One image per mined sample (the concept itself, M neighbours, N beyond-concept), base model and, if given, the
+    erased model beside it, labelled with the distance ‖η‖/‖e‖ and the cosine to the concept."""
+    text = world.encode([prompt])
+    idx = world.token_indices(prompt, word)
+    e = text.sequence[0, idx]
+    near, far = mine(e, cfg)
+    variants = [("concept", e)] + [("near", s) for s in near] + [("beyond", s) for s in far]
+    tiles, labels = [], []
+    flat = e.flatten()
+    for kind, emb in variants:
+        seq = text.sequence.clone()
+        seq[0, idx] = emb
+        cond = TextCond(seq, text.pooled)
+        for model in (None, erased) if erased is not None else (None,):
+            img = world.decode(world.sample_latents([prompt], seed=seed, text=cond, transformer=model,
+                                                    steps=sample_steps))
+            tiles.append(render.to_pil(img[0], max(1, 128 // img.shape[-1])))
+        d = ((emb.flatten() - flat).norm() / flat.norm()).item()
+        cos = torch.nn.functional.cosine_similarity(emb.flatten(), flat, dim=0).item()
+        labels.append(f"{kind} d{d:.2f} cos{cos:.2f}")
+    cols = 2 if erased is not None else 1
+    title = f"'{word}' in '{prompt}': " + ("base | erased" if erased is not None else "base") + " per row"
+    return render.grid(tiles, cols=cols, row_labels=labels, title=title)
