@@ -36,6 +36,10 @@ class MergeLoras(io.ComfyNode):
                          "mode's default)."),
             io.String.Input("name", default="merged_erase", tooltip="File name of the merged LoRA under "
                             "models/loras/erase_flux/."),
+            io.String.Input("lora_a", optional=True, force_input=True, tooltip="Optional: a LoRA name from another "
+                            "node (e.g. Erase Concept's lora_name output), merged with weight 1."),
+            io.String.Input("lora_b", optional=True, force_input=True, tooltip="Optional: a second LoRA name from "
+                            "another node, merged with weight 1."),
         ]
         return io.Schema(
             node_id="EraseFlux_MergeLoras", display_name="Merge Erase LoRAs (Flux)", category=f"{CATEGORY}/lora",
@@ -47,8 +51,9 @@ class MergeLoras(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, name=None, **kw):
         chosen = [kw.get(f"lora_{i}") for i in range(1, SLOTS + 1)]
-        if all(c is not None for c in chosen) and sum(c != NONE for c in chosen) < 2:
-            return "choose at least two LoRAs to merge (lora_1 … lora_4)"
+        linked = "lora_a" in kw or "lora_b" in kw
+        if not linked and all(c is not None for c in chosen) and sum(c != NONE for c in chosen) < 2:
+            return "choose at least two LoRAs to merge (lora_1 … lora_4, or linked lora_a / lora_b)"
         if name is not None:
             try:
                 check_name(name, "name")
@@ -57,8 +62,11 @@ class MergeLoras(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, mode, rank, name, **kw) -> io.NodeOutput:
+    def execute(cls, mode, rank, name, lora_a=None, lora_b=None, **kw) -> io.NodeOutput:
         picks = [(kw[f"lora_{i}"], kw[f"weight_{i}"]) for i in range(1, SLOTS + 1) if kw[f"lora_{i}"] != NONE]
+        picks += [(n, 1.0) for n in (lora_a, lora_b) if n]
+        if len(picks) < 2:
+            raise ValueError("choose at least two LoRAs to merge (lora_1 … lora_4, or linked lora_a / lora_b)")
         loras = [read_lora_file(lora_path(n)) for n, _ in picks]
         names = [n for n, _ in picks]
         merged = merge(loras, MergeConfig(mode=mode, weights=tuple(w for _, w in picks), rank=rank or None),

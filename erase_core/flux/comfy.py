@@ -80,7 +80,7 @@ class SliceLora(nn.Module):
         rows, at = [], 0
         for key, (start, length) in sorted(self.slices.items(), key=lambda kv: kv[1][0]):
             if start > at:
-                rows.append(self.up[key].new_zeros(start - at, self.shape[1]))
+                rows.append(self.up[_safe(key)].new_zeros(start - at, self.shape[1]))
             rows.append(self.scale * (self.up[_safe(key)] @ self.down[_safe(key)]))
             at = start + length
         if at < self.shape[0]:

@@ -1,0 +1,153 @@
+"""The engine on ComfyUI's native Flux: attention maps, suppression and erase-LoRA training agree with the diffusers
+backend (the same sandbox weights loaded both ways), and the trained LoRA is what the stock loader applies.
+
+Skipped unless ``ERASE_FLUX_COMFYUI`` names a ComfyUI checkout; run with ComfyUI's venv python::
+
+    ERASE_FLUX_COMFYUI=/work/comfy/ComfyUI /work/comfy/venv/bin/python -m pytest -q tests/test_comfy_backend.py
+
+As in test_comfy_sandbox.py, ComfyUI runs in a child process (this file as a script) that writes its measurements.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = "ERASE_FLUX_COMFYUI"
+SKIP_EXIT = 3
+
+MAP_ATOL = 1e-5  # captured probabilities, ComfyUI vs diffusers, same inputs, fp32
+VELOCITY_ATOL = 1e-4  # velocities (magnitude ~10) of the same model through both backends
+PROMPTS = ["a red circle in the west", "a crimson disc", "a blue square", "red red circle"]
+
+
+def _child(comfy_dir: str, out_path: str) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_comfy_sandbox import _import_comfy
+
+    try:
+        _import_comfy(comfy_dir)
+    except ImportError as err:
+        print(f"cannot import ComfyUI from {comfy_dir} with {sys.executable}: {err}", file=sys.stderr)
+        return SKIP_EXIT
+    import torch
+
+    torch.set_num_threads(1)
+    import comfy.sd
+    import comfy.utils
+
+    from erase_core.comfy.sandbox import load_sandbox_comfy
+    from erase_core.comfy.world import ComfyWorld
+    from erase_core.flux.attention import AttentionPatch
+    from erase_core.flux.backend import DiffusersFlux
+    from erase_core.flux.comfy import ComfyFlux, suppressed_model
+    from erase_core.lora import apply_lora
+    from erase_core.lora_file import write_lora_file
+    from erase_core.sandbox.erase_sets import sandbox_concept_set
+    from erase_core.sandbox.pipeline import SandboxWorld
+    from erase_core.train import EraseConfig, Eraser
+
+    sw = SandboxWorld.load()
+    model, clip, vae = load_sandbox_comfy()
+    world = ComfyWorld(model, clip, (8, 8), vae=vae, cfg_scale=3.0)
+    x, t = sw.noise(len(PROMPTS), 3), torch.tensor([0.9, 0.6, 0.3, 0.1])
+    text = sw.encode(PROMPTS)
+    idx = [sw.token_indices(p, w) for p, w in zip(PROMPTS, ["red", "crimson", "square", "red"])]
+    blocks = ["double.0", "double.2", "single.1"]
+    out: dict = {}
+    with torch.no_grad():
+        with AttentionPatch(sw.transformer, idx, blocks=blocks) as dp:
+            DiffusersFlux(sw.transformer, (8, 8)).velocity(x, t, text)
+        backend = ComfyFlux(model, (8, 8))
+        with backend.attention_patch(idx, blocks=blocks) as cp:
+            backend.velocity(x, t, text)
+        out["maps"] = {b: (dp.result.maps[(b, 0)] - cp.result.maps[(b, 0)]).abs().max().item() for b in blocks}
+        out["map_scale"] = max(m.max().item() for m in dp.result.maps.values())
+        out["tokens_equal"] = [world.token_indices(p, w) == i for p, w, i in
+                               zip(PROMPTS, ["red", "crimson", "square", "red"], idx)]
+        with AttentionPatch(sw.transformer, idx, capture=False, suppress=0.0, blocks=[],
+                            suppress_blocks=["double.0", "double.1", "double.2"]):
+            v_sup_d = DiffusersFlux(sw.transformer, (8, 8)).velocity(x, t, text)
+        v_sup_c = ComfyFlux(suppressed_model(model, idx[0], 0.0, ["double.0", "double.1", "double.2"]),
+                            (8, 8)).velocity(x[:1], t[:1], text.select([0]))
+        v_base_c = backend.velocity(x[:1], t[:1], text.select([0]))
+        out["suppression_diff"] = (v_sup_d[:1] - v_sup_c).abs().max().item()
+        out["suppression_effect"] = (v_sup_c - v_base_c).abs().max().item()
+
+    cfg = EraseConfig(steps=2, batch=4, base_samples=4, preserve_images=1)
+    base_state = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    with torch.enable_grad():
+        er = Eraser(world, sandbox_concept_set("red"), cfg)
+        er.train()
+    clone_dm = er.model.model.diffusion_model
+    with torch.no_grad():
+        out["base_untouched"] = all(torch.equal(v, model.model.diffusion_model.state_dict()[k])
+                                    for k, v in base_state.items())
+        out["clone_base_weights_unchanged"] = all(torch.equal(v, clone_dm.state_dict()[k])
+                                                  for k, v in base_state.items())
+        out["lora_changed"] = max(p.abs().max().item() for n, p in er.backend.lora_parameters().items()
+                                  if ".up." in n)
+        v_student = er.backend.velocity(x, t, text)
+        with er.backend.teacher():
+            v_teacher = er.backend.velocity(x, t, text)
+        v_base = ComfyFlux(model, (8, 8)).velocity(x, t, text)
+        out["teacher_is_base"] = (v_teacher - v_base).abs().max().item()
+        out["lora_effect"] = (v_student - v_base).abs().max().item()
+        path = Path(out_path).with_name("lora.safetensors")
+        from erase_core.lora_file import LoraFile
+
+        write_lora_file(LoraFile(er.backend.trained_modules(), {"concept": "red"}), path, overwrite=True)
+        tr = copy.deepcopy(sw.transformer)
+        apply_lora(tr, path)
+        out["export_vs_diffusers"] = (DiffusersFlux(tr, (8, 8)).velocity(x, t, text) - v_student).abs().max().item()
+        stock, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path), safe_load=True),
+                                                 1.0, 0.0)
+        out["export_vs_stock_loader"] = (ComfyFlux(stock, (8, 8)).velocity(x, t, text) - v_student).abs().max().item()
+    Path(out_path).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ != "__main__":
+    import pytest
+
+    COMFY_DIR = os.environ.get(ENV)
+    if not COMFY_DIR:
+        pytest.skip(f"{ENV} is not set: point it to a ComfyUI checkout and run with ComfyUI's venv python",
+                    allow_module_level=True)
+
+    @pytest.fixture(scope="module")
+    def measured(tmp_path_factory) -> dict:
+        out = tmp_path_factory.mktemp("comfy_backend") / "measured.json"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, __file__, COMFY_DIR, str(out)], capture_output=True, text=True,
+                              env=env, timeout=900)
+        if proc.returncode == SKIP_EXIT:
+            pytest.skip(proc.stderr.strip().splitlines()[-1])
+        if proc.returncode != 0:
+            pytest.fail(f"ComfyUI child process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+    def test_attention_maps_match_diffusers(measured):
+        assert measured["map_scale"] > 0.01 and all(measured["tokens_equal"])
+        assert max(measured["maps"].values()) <= MAP_ATOL, measured["maps"]
+
+    def test_suppression_matches_diffusers(measured):
+        assert measured["suppression_effect"] > 0.01
+        assert measured["suppression_diff"] <= VELOCITY_ATOL, measured
+
+    def test_training_touches_only_the_lora_and_the_teacher_is_the_base(measured):
+        assert measured["base_untouched"] and measured["clone_base_weights_unchanged"]
+        assert measured["lora_changed"] > 0 and measured["lora_effect"] > 1e-3
+        assert measured["teacher_is_base"] <= 1e-5, measured
+
+    def test_exported_lora_is_what_diffusers_and_the_stock_loader_apply(measured):
+        assert measured["export_vs_diffusers"] <= VELOCITY_ATOL, measured
+        assert measured["export_vs_stock_loader"] <= VELOCITY_ATOL, measured
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1], sys.argv[2]))
