@@ -53,7 +53,8 @@ def run_case(kwargs, batch, hw, n_txt, repeats):
         with torch.no_grad(), AttentionPatch(model, tokens):
             be.velocity(x, t, text)
 
-    plain(); captured()  # warm up
+    plain()  # warm up
+    captured()
     a, b = [], []
     for _ in range(repeats):
         a.append(cpu_ms(plain))

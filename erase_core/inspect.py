@@ -78,11 +78,14 @@ def inspection_grid(ins: Inspection, scale: int = 4, image_index: int = 0) -> Im
     tiles, labels = [], []
     vmax = float(torch.stack([m.sum(0) for m in per_step.values()]).max())
     for _, k in rows:
-        tiles.append(render.to_pil(big)); labels.append("image")
+        tiles.append(render.to_pil(big))
+        labels.append("image")
         for s, m in per_step.items():
             mk = m.sum(0) if k is None else m[k]
-            tiles.append(render.to_pil(render.overlay(big, mk, vmax=vmax))); labels.append(f"step {s}")
+            tiles.append(render.to_pil(render.overlay(big, mk, vmax=vmax)))
+            labels.append(f"step {s}")
         mk = mean.sum(0) if k is None else mean[k]
-        tiles.append(render.to_pil(render.overlay(big, mk, vmax=vmax))); labels.append("mean")
+        tiles.append(render.to_pil(render.overlay(big, mk, vmax=vmax)))
+        labels.append("mean")
     title = f"'{ins.word}' in '{ins.prompt}'  blocks {','.join(ins.blocks)}  mass {ins.mass():.3f}"
     return render.grid(tiles, cols=len(per_step) + 2, labels=labels, row_labels=[r for r, _ in rows], title=title)

@@ -155,9 +155,9 @@ def train_flux(cfg: SandboxConfig, tc: SandboxTrainConfig, tokenizer, ae: AutoEn
     if resume and ckpt.exists():
         # our own checkpoint, written by this function; weights_only refuses anything but tensors and containers
         state = torch.load(ckpt, weights_only=True)
-        te.load_state_dict(state["te"]); tr.load_state_dict(state["tr"])
-        ema_te.load_state_dict(state["ema_te"]); ema_tr.load_state_dict(state["ema_tr"])
-        opt.load_state_dict(state["opt"]); start = state["step"]
+        for module, key in ((te, "te"), (tr, "tr"), (ema_te, "ema_te"), (ema_tr, "ema_tr"), (opt, "opt")):
+            module.load_state_dict(state[key])
+        start = state["step"]
         rng.setstate(_tuple_state(state["rng"]))
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed flux training at step %d", start)
