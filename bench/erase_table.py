@@ -78,7 +78,7 @@ def train_method(world, cs, method: str, steps: dict):
     from erase_core.lora import apply_lora
 
     if method == "uce":
-        from erase_core.sandbox.closed_form import closed_form_erase
+        from erase_core.kv_edit import closed_form_erase
 
         return apply_lora(copy.deepcopy(world.transformer), closed_form_erase(world, cs))
     if method == "realera":

@@ -58,7 +58,7 @@ def _closed_form(args, world, cs, meta: dict) -> int:
     meta.update(geometry=model_geometry(world.transformer), fingerprint=model_fingerprint(world.transformer),
                 closed_form=vars(ClosedFormConfig()))
     if args.method == "uce":
-        from .sandbox.closed_form import closed_form_erase
+        from .kv_edit import closed_form_erase
 
         lf = closed_form_erase(world, cs, seed=args.seed)
     else:

@@ -11,7 +11,6 @@ closed-form delta and the trained LoRA stacked exactly.
 """
 from __future__ import annotations
 
-import copy
 import torch
 
 from . import losses
@@ -19,20 +18,11 @@ from .closed_form import ClosedFormConfig
 from .concepts import ConceptSet
 from .flux.backend import TextCond
 from .flux.flow import noised
-from .lora import trained_lora
 from .lora_file import LoraFile
 from .merge import stack
 from .neighbours import NeighbourConfig, perturb_rows
 from .tokens import shuffle_words
 from .train import EraseConfig, EraseResult, Eraser, _uniform
-
-
-def add_delta(model: torch.nn.Module, lf: LoraFile) -> None:
-    """W ← W + ΔW for every module of ``lf`` (in place, no adapter)."""
-    named = dict(model.named_modules())
-    with torch.no_grad():
-        for name, m in lf.modules.items():
-            named[name].weight += m.delta().to(named[name].weight.dtype)
 
 
 class RealEraEraser(Eraser):
@@ -43,9 +33,8 @@ class RealEraEraser(Eraser):
         if config.method != "realera":
             raise ValueError(f"RealEraEraser needs method='realera', got {config.method!r}")
         self.closed_form, self.neighbour_cfg, self.calls = closed_form, neighbours, 0
-        edited = copy.deepcopy(world.transformer)
-        add_delta(edited, closed_form)
-        super().__init__(world, concept, config, transformer=edited)
+        edited = world.backend().with_edit(closed_form)
+        super().__init__(world, concept, config, transformer=edited, in_place=True)
         self.original = world.backend()  # v̂: the untouched base model
 
     @torch.no_grad()
@@ -62,7 +51,8 @@ class RealEraEraser(Eraser):
         anchors = [c.substitute(p, c.anchor) or " " for p in prompts]
         x0 = self.anchor_x0[torch.randint(0, len(self.anchor_x0), (cfg.batch,), generator=self.gen)]
         t = _uniform(cfg.batch, cfg.t_range, self.gen)
-        return prompts, anchors, noised(x0, torch.randn(x0.shape, generator=self.gen), t), t
+        t = t.to(x0.device)
+        return prompts, anchors, noised(x0, self._randn(x0), t), t
 
     def _perturbed(self, prompts: list[str], rows: list[list[int]]) -> TextCond:
         """The prompts with the given token rows moved to a freshly mined neighbour of themselves."""
@@ -97,11 +87,10 @@ class RealEraEraser(Eraser):
         return {}
 
 
-def realera_lora(result: EraseResult, closed_form: LoraFile) -> LoraFile:
-    """The closed-form delta and the trained LoRA as one LoRA (stacked exactly where they share a module)."""
-    trained = trained_lora(result.model)
+def realera_lora(trained: dict, closed_form: LoraFile) -> LoraFile:
+    """The closed-form delta and the trained LoRA modules as one LoRA (stacked exactly where they share a module)."""
     out = dict(closed_form.modules)
-    for name, m in trained.modules.items():
+    for name, m in trained.items():
         out[name] = stack([out[name], m], [1.0, 1.0]) if name in out else m
     return LoraFile(out, {**closed_form.meta, "method": "realera"})
 
@@ -109,9 +98,10 @@ def realera_lora(result: EraseResult, closed_form: LoraFile) -> LoraFile:
 def realera(world, concept: ConceptSet, config: EraseConfig, cf: ClosedFormConfig = ClosedFormConfig(),
             neighbours: NeighbourConfig = NeighbourConfig(), **train_kw) -> tuple[EraseResult, LoraFile]:
     """Closed form with neighbours, then noise alignment; returns the training result and the combined LoRA."""
-    from .sandbox.closed_form import closed_form_erase
+    from .kv_edit import closed_form_erase
 
     edit = closed_form_erase(world, concept, cf, neighbours=neighbours, seed=config.seed)
-    result = RealEraEraser(world, concept, config, edit, neighbours).train(**train_kw)
-    return result, realera_lora(result, edit)
+    eraser = RealEraEraser(world, concept, config, edit, neighbours)
+    result = eraser.train(**train_kw)
+    return result, realera_lora(eraser.backend.trained_modules(), edit)
 

@@ -81,7 +81,7 @@ class EraseConfig:
         if self.method not in (*EA_METHODS, "esd", "ca", "realera"):
             raise ValueError(f"method={self.method!r} is unknown; choose eraseanything, eraseanything+neighbors, "
                              "esd, ca or realera "
-                             "(uce is the closed form alone: erase_core.sandbox.closed_form)")
+                             "(uce is the closed form alone: erase_core.kv_edit)")
         if self.esd_negative not in ("empty", "without_concept"):
             raise ValueError(f"esd_negative={self.esd_negative!r} is unknown; choose empty or without_concept")
         if self.preserve_target not in ("flow", "teacher"):

@@ -14,7 +14,7 @@ from erase_core.train import EA_METHODS, EraseConfig
 from .common import CATEGORY, Progress, apply_lora, check_name, latent_hw, loras_dir, pil_to_image
 
 log = logging.getLogger("erase_flux.nodes")
-METHODS = [*EA_METHODS, "esd", "ca"]
+METHODS = [*EA_METHODS, "realera", "esd", "ca", "uce"]
 
 
 class EraseConcept(io.ComfyNode):
@@ -35,8 +35,9 @@ class EraseConcept(io.ComfyNode):
                 io.String.Input("prompts", default="", multiline=True, tooltip="Prompts that show the concept, one "
                                 "per line, each containing the concept word. Empty = 'a photo of <concept>' and two more."),
                 io.Combo.Input("method", options=METHODS, default=d.method, tooltip="eraseanything: the full "
-                               "bi-level method; +neighbors adds RealEra's mined neighbours to the erase set; esd / ca "
-                               "are the baselines."),
+                               "bi-level method; +neighbors adds RealEra's mined neighbours to the erase set; realera: "
+                               "closed-form K/V edit with neighbours, then LoRA noise alignment; esd / ca: baselines; "
+                               "uce: the closed-form edit alone (seconds, no training)."),
                 io.Int.Input("steps", default=d.steps, min=1, max=10000, tooltip="Outer steps (each: one erase and "
                              "one preserve optimiser step)."),
                 io.Float.Input("lr", default=d.lr, min=1e-6, max=1.0, step=1e-4, tooltip="AdamW learning rate."),
@@ -97,7 +98,7 @@ class EraseConcept(io.ComfyNode):
         out = loras_dir() / f"{stem}.safetensors"
         ckpt = loras_dir() / "checkpoints" / f"{stem}.pt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        config = EraseConfig(method=method, steps=steps, lr=lr, rank=rank, alpha=float(rank), eta=eta,
+        config = EraseConfig(method="esd" if method == "uce" else method, steps=steps, lr=lr, rank=rank, alpha=float(rank), eta=eta,
                              lambda_attn=lambda_attn, lambda_preserve=lambda_preserve, lambda_rsc=lambda_rsc,
                              seed=seed, preview_every=preview_every if vae is not None else 0)
         progress = Progress(steps)
@@ -112,7 +113,7 @@ class EraseConcept(io.ComfyNode):
                 progress.update(entry.step + 1, preview)
 
             job = erase(world, cs, config, progress=report, should_stop=progress.should_stop, checkpoint_path=ckpt,
-                        resume=resume)
+                        resume=resume, method=method)
         if job.result.interrupted:
             log.info("erase interrupted; resumable checkpoint at %s", ckpt)
             raise comfy.model_management.InterruptProcessingException()

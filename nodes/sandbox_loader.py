@@ -15,8 +15,8 @@ class SandboxLoader(io.ComfyNode):
             node_id="EraseFlux_SandboxLoader", display_name="Sandbox World Loader (tiny Flux)",
             category=f"{CATEGORY}/sandbox",
             description="Loads the pack's tiny Flux-architecture sandbox model (32×32 images of coloured shapes in "
-                        "placements), its text encoder and autoencoder. Use width/height 32 on our nodes, and a "
-                        "64×64 empty latent with stock samplers (its VAE is 4×, stock latents are ÷8).",
+                        "placements), its text encoder and autoencoder. Use width/height 32 on our nodes and on stock "
+                        "empty latents (EmptySD3LatentImage 32×32: KSampler resizes it to the 4× VAE's 8×8 latent).",
             inputs=[],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.Vae.Output(display_name="vae")])

@@ -98,10 +98,13 @@ true
 # Collects uncaught errors and console.error lines of the page (installed before any page script runs).
 CATCH_ERRORS = r"""
 window.__efErrors = [];
-addEventListener("error", (e) => window.__efErrors.push(`error: ${e.message} @ ${e.filename}:${e.lineno}`));
-addEventListener("unhandledrejection", (e) => window.__efErrors.push(`rejection: ${e.reason}`));
+addEventListener("error", (e) => window.__efErrors.push({ msg: `error: ${e.message} @ ${e.filename}:${e.lineno}`,
+  ours: String(e.filename).includes("erase_flux") || String(e.error?.stack).includes("erase_flux") }));
+addEventListener("unhandledrejection", (e) => window.__efErrors.push({ msg: `rejection: ${e.reason}`,
+  ours: String(e.reason?.stack ?? e.reason).includes("erase_flux") }));
 const __efConsoleError = console.error;
-console.error = function (...args) { window.__efErrors.push(`console.error: ${args.map(String).join(" ")}`);
+console.error = function (...args) { window.__efErrors.push({ msg: `console.error: ${args.map(String).join(" ")}`,
+  ours: String(new Error().stack).includes("erase_flux") });
   return __efConsoleError.apply(this, args); };
 """
 
@@ -111,7 +114,7 @@ SETUP_GRAPH = r"""(async () => {
   const a = LiteGraph.createNode("EraseFlux_AttentionInspect"); a.pos = [30, 30]; app.graph.add(a);
   const m = LiteGraph.createNode("EraseFlux_MergeLoras"); m.pos = [560, 30]; app.graph.add(m);
   a.setSize([480, a.size[1]]); m.setSize([420, m.size[1]]);
-  app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1;
+  app.canvas.ds.offset = [70, 90]; app.canvas.ds.scale = 1;
   await ef.redraw(); await ef.redraw();
   return { inspect: !!a.widgets.find((w) => w.name === "erase_flux_words"),
            merge: !!m.widgets.find((w) => w.name === "erase_flux_weights"),
@@ -128,6 +131,38 @@ SET_MERGE = r"""(async (vals, mode) => {
   const rows = [...ef.widget(m, "erase_flux_weights").element.querySelectorAll("[data-value]")].map((r) => r.dataset.value);
   return { ...m.__eraseFluxNormalized, rows, text: ef.widget(m, "erase_flux_weights").element.innerText };
 })"""
+
+# Where the screenshot should show our UI: a selected chip's centre and the weights panel's box (CSS pixels).
+SHOT_PROBE = r"""(() => {
+  const ef = window.__ef, a = ef.node("EraseFlux_AttentionInspect"), m = ef.node("EraseFlux_MergeLoras");
+  const chip = ef.widget(a, "erase_flux_words").element.querySelector("button[data-selected]");
+  const box = (e) => { const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; };
+  return { selected_chip: chip ? box(chip) : null, weights_box: box(ef.widget(m, "erase_flux_weights").element) };
+})()"""
+
+# The module's pure helpers, imported from the served file (the same module instance the app loaded).
+PURE = r"""import("%s").then((m) => ({
+  words: m.promptWords("Van Gogh's sci-fi café_2, (8k)!").map((w) => w.text),
+  spans: [m.phraseSpans("a Red red-ish RED disc", "red"), m.phraseSpans("a red  circle, red disc", "Red circle"),
+          m.phraseSpans("a (red) circle", "(red)")],
+  linked: m.effectiveWeights([{lora: "a", weight: 1}, {lora: "none", weight: 9}], "normalized", 2),
+  negative: m.effectiveWeights([{lora: "a", weight: 2}, {lora: "b", weight: -1}], "normalized"),
+  single: m.effectiveWeights([{lora: "a", weight: 2}, {lora: "none", weight: 1}], "concat"),
+}))""" % EXT_URL
+
+# Save the workflow and load it again: values survive, our panels are not serialised, chips/weights are rebuilt.
+ROUNDTRIP = r"""(async () => {
+  const ef = window.__ef, app = ef.app();
+  const data = JSON.parse(JSON.stringify(app.graph.serialize()));
+  const saved = Object.fromEntries(data.nodes.map((n) => [n.type, n.widgets_values]));
+  await app.loadGraphData(data);
+  app.canvas.ds.offset = [70, 90]; app.canvas.ds.scale = 1;
+  await ef.redraw(); await ef.redraw();
+  const a = ef.node("EraseFlux_AttentionInspect"), m = ef.node("EraseFlux_MergeLoras");
+  return { saved, word: ef.widget(a, "word").value, chips: a.__eraseFluxWords,
+           panels: [a, m].map((n) => n.widgets.filter((w) => w.name.startsWith("erase_flux_")).length),
+           weights: m.__eraseFluxNormalized.values };
+})()"""
 
 
 def launch_chromium(binary: str, profile: str) -> tuple[subprocess.Popen, int]:
@@ -217,16 +252,20 @@ async def scenario(url: str, dev_port: int, screenshot: str | None) -> dict:
             out["workflow_values"] = await page.js(
                 "(() => { const n = __ef.node('EraseFlux_MergeLoras').serialize();"
                 " return {values: n.widgets_values, named: Object.keys(n.widgets_values_named ?? {})}; })()")
-            out["console_errors"] = await page.js("window.__efErrors ?? []")
 
-            if screenshot:
-                await page.js("__ef.redraw().then(() => true)")
+            if screenshot:  # before the round trip, whose missing-LoRA check would pop up a toast
+                await page.js("__ef.app().canvas.deselectAll(); __ef.redraw().then(() => true)")
                 await asyncio.sleep(0.5)
+                out["shot_probe"] = await page.js(SHOT_PROBE)
                 shot = await page.send("Page.captureScreenshot", format="png")
                 os.makedirs(os.path.dirname(os.path.abspath(screenshot)), exist_ok=True)
                 with open(screenshot, "wb") as f:
                     f.write(base64.b64decode(shot["data"]))
                 out["screenshot"] = screenshot
+
+            out["pure"] = await page.js(PURE)
+            out["roundtrip"] = await page.js(ROUNDTRIP)
+            out["console_errors"] = await page.js("window.__efErrors ?? []")
     return out
 
 

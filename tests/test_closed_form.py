@@ -44,7 +44,7 @@ def test_config_validates():
 def test_closed_form_erases_west_on_the_sandbox(world):
     from erase_core.evaluate import found_rate
     from erase_core.lora import apply_lora
-    from erase_core.sandbox.closed_form import closed_form_erase
+    from erase_core.kv_edit import closed_form_erase
     from erase_core.sandbox.erase_sets import sandbox_concept_set
 
     lf = closed_form_erase(world, sandbox_concept_set("west"), n_prompts=6)

@@ -165,7 +165,7 @@ def test_merge_command(tmp_path, capsys):
 def test_merge_command_measures_survival_on_the_sandbox(tmp_path, capsys, world):
     from erase_core.cli import main
     from erase_core.lora_file import LoraFile
-    from erase_core.sandbox.closed_form import closed_form_erase
+    from erase_core.kv_edit import closed_form_erase
     from erase_core.sandbox.erase_sets import sandbox_concept_set
 
     paths = []

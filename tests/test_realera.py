@@ -8,7 +8,7 @@ from erase_core.evaluate import found_rate
 from erase_core.lora import apply_lora, trained_lora
 from erase_core.neighbours import NeighbourConfig
 from erase_core.realera import RealEraEraser, realera
-from erase_core.sandbox.closed_form import closed_form_erase
+from erase_core.kv_edit import closed_form_erase
 from erase_core.sandbox.erase_sets import sandbox_concept_set
 from erase_core.train import EraseConfig
 

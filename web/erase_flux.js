@@ -92,13 +92,18 @@ function addPanel(node, name, maxHeight) {
   });
   widget.serialize = false; // neither in the workflow's widgets_values nor in the prompt
   const fit = () => {
-    const h = Math.min(maxHeight, Math.max(20, inner.offsetHeight || height) + 12);
+    if (!inner.offsetHeight) return; // detached or hidden: the ResizeObserver calls again once laid out
+    const h = Math.min(maxHeight, inner.offsetHeight + 12);
     if (h === height) return;
     height = h;
     const need = node.computeSize?.();
     if (need && node.size) node.setSize([node.size[0], Math.max(node.size[1], need[1])]);
     node.setDirtyCanvas?.(true, true);
   };
+  const ro = new ResizeObserver(() => fit()); // re-fit once attached, and when chips re-wrap on a resize
+  ro.observe(inner);
+  const onRemove = widget.onRemove;
+  widget.onRemove = function (...args) { ro.disconnect(); return onRemove?.apply(this, args); };
   return { widget, inner, fit };
 }
 

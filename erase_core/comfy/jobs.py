@@ -106,17 +106,37 @@ def comfy_geometry(model) -> dict:
 
 def erase(world: ComfyWorld, concept: ConceptSet, config: EraseConfig,
           progress: Callable[[StepLog], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          checkpoint_path: Path | None = None, resume: bool = False) -> EraseJob:
-    """Train an erase-LoRA on a clone of the world's MODEL (the base stays untouched)."""
-    eraser = Eraser(world, concept, config)
-    result = eraser.train(progress=progress, should_stop=should_stop, checkpoint_path=checkpoint_path,
-                          resume=resume and checkpoint_path is not None and Path(checkpoint_path).exists())
+          checkpoint_path: Path | None = None, resume: bool = False, method: str | None = None) -> EraseJob:
+    """Make an erase-LoRA for the world's MODEL (the base stays untouched): ``method`` (default ``config.method``)
+    is a trained method (EraseAnything, +neighbours, ESD, CA), ``realera`` (closed form with neighbours, then noise
+    alignment) or ``uce`` (the closed form alone, no training; ``config`` then only gives the seed)."""
+    from ..closed_form import ClosedFormConfig
+    from ..kv_edit import closed_form_erase
+    from ..neighbours import NeighbourConfig
+    from ..realera import realera
+
+    train_kw = dict(progress=progress, should_stop=should_stop, checkpoint_path=checkpoint_path,
+                    resume=resume and checkpoint_path is not None and Path(checkpoint_path).exists())
+    extra: dict = {}
+    method = method or config.method
+    if method == "uce":
+        modules = closed_form_erase(world, concept, ClosedFormConfig(), seed=config.seed).modules
+        result = EraseResult(world.transformer, config, concept)
+        extra["closed_form"] = vars(ClosedFormConfig())
+    elif method == "realera":
+        result, lf = realera(world, concept, config, **train_kw)
+        modules = lf.modules
+        extra["closed_form"], extra["neighbours"] = vars(ClosedFormConfig()), vars(NeighbourConfig())
+    else:
+        eraser = Eraser(world, concept, config)
+        result = eraser.train(**train_kw)
+        modules = eraser.backend.trained_modules()
     dm = world.transformer.model.diffusion_model
-    meta = {"concept": concept.word, "method": config.method, "config": config.to_dict(),
+    meta = {"concept": concept.word, "method": method, "config": config.to_dict(), **extra,
             "synonyms": list(concept.synonyms), "irrelevant": list(concept.irrelevant),
             "trained_in": "comfyui", "geometry": comfy_geometry(world.transformer),
             "fingerprint": fingerprint(dm.img_in.weight, dm.txt_in.weight)}
-    return EraseJob(concept, config, result, LoraFile(eraser.backend.trained_modules(), meta))
+    return EraseJob(concept, config, result, LoraFile(modules, meta))
 
 
 def loss_curve(history: list[StepLog]) -> Image.Image:

@@ -66,6 +66,17 @@ class ComfyWorld:
 
         return comfy_token_indices(self.clip, prompt, word)
 
+    def end_index(self, prompt: str) -> int:
+        """Row of T5's end-of-sequence token (id 1) in ComfyUI's tokenization of ``prompt``."""
+        from .sandbox import T5_BRANCH
+
+        tok = self.clip.tokenize(prompt)
+        rows = tok.get(T5_BRANCH) or next(iter(tok.values()))
+        ids = [t[0] for chunk in rows for t in chunk]
+        if 1 not in ids:
+            raise ValueError(f"no end-of-sequence token in the tokenization of {prompt!r}")
+        return ids.index(1)
+
     def content_rows(self, prompts: list[str]) -> list[list[int]]:
         """Per prompt, the token rows of its words (from ComfyUI's word ids: word id > 0 and not padding)."""
         from .sandbox import T5_BRANCH

@@ -99,3 +99,22 @@ class DiffusersFlux:
         from ..lora import trained_lora
 
         return trained_lora(self.model).modules
+
+    def linear(self, name: str) -> tuple[nn.Module, tuple[int, int] | None]:
+        """The Linear behind a diffusers module name, and the rows of its weight that name owns (None: all)."""
+        module = dict(self.inner.named_modules()).get(name)
+        if module is None:
+            raise ValueError(f"module {name!r} does not exist in this model")
+        return getattr(module, "base_layer", module), None
+
+    def with_edit(self, lora) -> nn.Module:
+        """A copy of the model with a LoRA file object's ΔW added to the weights (W ← W + ΔW, no adapter)."""
+        import copy
+
+        edited = copy.deepcopy(self.model)
+        named = dict(unwrap(edited).named_modules())
+        with torch.no_grad():
+            for name, m in lora.modules.items():
+                target = getattr(named[name], "base_layer", named[name])
+                target.weight += m.delta().to(target.weight.dtype)
+        return edited

@@ -22,9 +22,16 @@ def record_inputs(model: nn.Module, names: list[str]):
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"module {missing[0]!r} does not exist in this model")
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [modules[n].register_forward_pre_hook(lambda _m, args, n=n: store[n].append(args[0].detach()))
-             for n in names]
+    with record_module_inputs({n: modules[n] for n in names}) as store:
+        yield store
+
+
+@contextmanager
+def record_module_inputs(modules: dict[str, nn.Module]):
+    """Within the block, ``store[name]`` collects the input tensor of every call of ``modules[name]``."""
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: store[n].append(args[0].detach()))
+             for n, m in modules.items()]
     try:
         yield store
     finally:

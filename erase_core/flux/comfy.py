@@ -298,6 +298,31 @@ class ComfyFlux:
             for lora in self.loras.values():
                 lora.enabled = True
 
+    def linear(self, name: str) -> tuple[nn.Module, tuple[int, int] | None]:
+        """The Linear behind a diffusers module name (``transformer_blocks.N.attn.add_k_proj``) and its rows in the
+        fused weight (the k third of ``double_blocks.N.txt_attn.qkv``)."""
+        dm = self.diffusion_model
+        if name in POOLED_MODULES:
+            return _module(dm, POOLED_MODULES[name]), None
+        parts = name.split(".")
+        if len(parts) < 4 or parts[0] != "transformer_blocks" or ".".join(parts[3:]) not in DUAL_SLICES:
+            raise ValueError(f"module {name!r} has no counterpart in ComfyUI's Flux (supported: "
+                             f"transformer_blocks.N.attn.{{{', '.join(DUAL_SLICES)}}} and the pooled path)")
+        pattern, (part, parts_n) = DUAL_SLICES[".".join(parts[3:])]
+        module = _module(dm, pattern.format(i=int(parts[1])))
+        length = module.weight.shape[0] // parts_n
+        return module, (part * length, length)
+
+    def with_edit(self, lora):
+        """A clone of the MODEL with a LoRA file object applied by ComfyUI's own LoRA loading (weight patches)."""
+        import comfy.sd
+
+        from ..lora_file import diffusers_tensors
+
+        folded = {k: m.folded() for k, m in lora.modules.items()}  # the scale lives in up: ComfyUI's alpha=None is 1
+        patched, _ = comfy.sd.load_lora_for_models(self.patcher, None, diffusers_tensors(folded), 1.0, 0.0)
+        return patched.clone(force_deepcopy=True)  # a trainable copy, as the trainer needs (see train._copy)
+
     def attention_patch(self, tokens: TokenSelection, **kw) -> ComfyAttentionPatch:
         return ComfyAttentionPatch(self, tokens, **kw)
 

@@ -115,6 +115,10 @@ class SandboxWorld:
         """Token indices of ``word`` in ``prompt`` for the sandbox's T5-style tokenizer."""
         return word_token_indices(self.tokenizer, prompt, word)
 
+    def end_index(self, prompt: str) -> int:
+        """Row of the end-of-sequence token ``</s>`` (the empty anchor's row in the closed form)."""
+        return self.tokenize([prompt])[0].tolist().index(self.tokenizer.token_to_id("</s>"))
+
     def content_rows(self, prompts: list[str]) -> list[list[int]]:
         """Per prompt, the token rows of its words (no padding, no end-of-sequence token)."""
         return [[i for i, tok in enumerate(ids.tolist()) if tok > 1] for ids in self.tokenize(prompts)]

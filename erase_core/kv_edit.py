@@ -1,24 +1,27 @@
-"""The closed-form K/V edit (UCE / RealEra Eq. 7) on the sandbox: rows from real forward passes, LoRA out."""
+"""The closed-form K/V edit (UCE / RealEra Eq. 7) on any world: rows from real forward passes, LoRA out.
+
+The edited modules are named as diffusers names them (``transformer_blocks.N.attn.add_k_proj``); the backend maps a
+name to its Linear and rows (on ComfyUI's Flux: the k rows of the fused ``txt_attn.qkv``), so the same solve runs on
+the diffusers sandbox and on a Flux loaded by ComfyUI.
+"""
 from __future__ import annotations
 
 import torch
 
-from ..closed_form import ClosedFormConfig, solve_edit, truncate_energy
-from ..concepts import ConceptSet
-from ..flux.backend import TextCond
-from ..flux.collect import record_inputs
-from ..flux.flow import noised
-from ..lora_file import LoraFile
-from ..neighbours import NeighbourConfig, mine
+from .closed_form import ClosedFormConfig, solve_edit, truncate_energy
+from .concepts import ConceptSet
+from .flux.backend import TextCond
+from .flux.collect import record_module_inputs
+from .flux.flow import noised
+from .lora_file import LoraFile
+from .neighbours import NeighbourConfig, mine
 
 
 def _anchor_rows(world, prompt: str, anchor: str) -> list[int]:
     """Token rows of the anchor word in its prompt, or the end-of-sequence token when the anchor is empty."""
     if anchor.strip():
         return world.token_indices(prompt, anchor)
-    ids = world.tokenize([prompt])[0].tolist()
-    eos = world.tokenizer.token_to_id("</s>")
-    return [ids.index(eos)]
+    return [world.end_index(prompt)]
 
 
 @torch.no_grad()
@@ -26,7 +29,7 @@ def _rows(world, names: list[str], text: TextCond, rows: list[list[int]], states
     """Per module, per state, per prompt: the module's input rows at ``rows[prompt]``."""
     backend = world.backend()
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with record_inputs(world.transformer, names) as store:
+    with record_module_inputs({n: backend.linear(n)[0] for n in names}) as store:
         for x, t in states:
             backend.velocity(x, t, text)
     for n in names:
@@ -44,8 +47,8 @@ def closed_form_erase(world, cs: ConceptSet, cfg: ClosedFormConfig = ClosedFormC
     to the anchor's rows in the same prompt with the word replaced; preserved prompts' rows and beyond-concept
     samples keep their projections.
     """
-    tr = world.transformer
-    names = [f"transformer_blocks.{b}.attn.{t}" for b in range(len(tr.transformer_blocks)) for t in cfg.targets]
+    backend = world.backend()
+    names = [f"transformer_blocks.{b}.attn.{t}" for b in range(len(backend.dual_blocks())) for t in cfg.targets]
     prompts = list(cs.prompts[:n_prompts])
     anchors = [cs.substitute(p, cs.anchor) or cs.anchor for p in prompts]
     text_c, text_a = world.encode(prompts), world.encode(anchors)
@@ -94,11 +97,13 @@ def closed_form_erase(world, cs: ConceptSet, cfg: ClosedFormConfig = ClosedFormC
         for n in names:
             for per_state in rp[n]:
                 keep[n] += per_state
-    modules = dict(tr.named_modules())
     out = {}
     for n in names:
         p = torch.cat(keep[n]) if keep[n] else None
-        edit = solve_edit(modules[n].weight, torch.cat(e[n]), torch.cat(e_star[n]), p, cfg.lam, cfg.ridge)
+        module, rows = backend.linear(n)
+        weight = module.weight if rows is None else module.weight[rows[0]:rows[0] + rows[1]]
+        edit = solve_edit(weight.detach().float().cpu(), torch.cat(e[n]).cpu(), torch.cat(e_star[n]).cpu(),
+                          None if p is None else p.cpu(), cfg.lam, cfg.ridge)
         out[n] = truncate_energy(edit, cfg.energy, cfg.max_rank)
     return LoraFile(out, {"concept": cs.word, "method": "uce" if neighbours is None else "closed_form+neighbours",
                           "closed_form": {**vars(cfg)}, "anchor": cs.anchor})
