@@ -187,8 +187,11 @@ def test_effective_weights(report):
 def test_pure_helpers(report):
     pure = report["pure"]
     assert pure["words"] == ["Van", "Gogh", "s", "sci", "fi", "café_2", "8k"]  # \\w runs, like the node's match
-    # whole-word, case-insensitive, every occurrence; phrases across any whitespace (erase_core.tokens.word_spans)
-    assert pure["spans"] == [[[2, 5], [6, 9], [14, 17]], [[2, 14]], []]
+    # the chips highlight exactly what the node will inspect: same spans as erase_core.tokens.word_spans
+    from erase_core.tokens import word_spans
+
+    cases = [("a Red red-ish RED disc", "red"), ("a red  circle, red disc", "Red circle"), ("a (red) circle", "(red)")]
+    assert pure["spans"] == [[list(sp) for sp in word_spans(p, w)] for p, w in cases]
     assert pure["linked"]["values"] == [pytest.approx(1 / 3), None]  # linked lora_a / lora_b count with weight 1
     assert pure["linked"]["linked"] == [pytest.approx(1 / 3)] * 2 and pure["linked"]["warnings"] == []
     assert any("≥ 0" in w for w in pure["negative"]["warnings"])
