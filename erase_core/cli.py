@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at", type=_positive_int, default=None,
                    help="end this run after this transformer step; the learning-rate schedule still spans "
                         "--flux-steps, and a later run with the same --out resumes")
+    t.add_argument("--device", default="cpu", help="device of the transformer stage (e.g. cuda); results match a CPU "
+                   "run only statistically, and a resume continues a different GPU random stream")
     t.add_argument("--stages", default="tokenizer,autoencoder,classifier,flux",
                    help="comma-separated stages to run (later stages reuse earlier files in --out)")
     c = sbs.add_parser("check", help="the base-model quality bar: concept found in generated samples, per prompt")
@@ -173,6 +175,7 @@ def _cmd_sandbox(args) -> int:
             kw["t_mean"] = args.t_mean
         if args.stop_at is not None:
             kw["stop_at"] = args.stop_at
+        kw["device"] = args.device
         report = train_sandbox(args.out, SandboxTrainConfig(**kw), stages=tuple(args.stages.split(",")))
         print(json.dumps(report, indent=2))
         return 0

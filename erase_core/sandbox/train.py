@@ -49,6 +49,7 @@ class SandboxTrainConfig:
     stop_at: int | None = None  # end this run after this step (the schedule still spans flux_steps; resumable)
     log_every: int = 50
     checkpoint_every: int = 500
+    device: str = "cpu"  # of the transformer stage
 
     def __post_init__(self) -> None:
         for name in ("ae_steps", "ae_batch", "classifier_steps", "flux_steps", "batch", "log_every", "checkpoint_every"):
@@ -147,6 +148,8 @@ def train_flux(cfg: SandboxConfig, tc: SandboxTrainConfig, tokenizer, ae: AutoEn
     vocab = tokenizer.get_vocab()
     te.set_vocabulary([p for p, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
     tr = FluxTransformer2DModel(**cfg.transformer_kwargs())
+    dev = torch.device(tc.device)
+    te, tr, ae = te.to(dev), tr.to(dev), ae.to(dev)
     params = list(te.parameters()) + list(tr.parameters())
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema_te, ema_tr = copy.deepcopy(te).requires_grad_(False), copy.deepcopy(tr).requires_grad_(False)
@@ -154,29 +157,29 @@ def train_flux(cfg: SandboxConfig, tc: SandboxTrainConfig, tokenizer, ae: AutoEn
     ckpt = out / "flux_checkpoint.pt"
     if resume and ckpt.exists():
         # our own checkpoint, written by this function; weights_only refuses anything but tensors and containers
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=dev)
         for module, key in ((te, "te"), (tr, "tr"), (ema_te, "ema_te"), (ema_tr, "ema_tr"), (opt, "opt")):
             module.load_state_dict(state[key])
         start = state["step"]
         rng.setstate(_tuple_state(state["rng"]))
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         log.info("resumed flux training at step %d", start)
     backend = DiffusersFlux(tr, (cfg.latent_size, cfg.latent_size))
-    empty_ids = torch.tensor(tokenizer.encode("").ids)
+    empty_ids = torch.tensor(tokenizer.encode("").ids, device=dev)
     t0, seen = time.time(), 0.0
     end = min(tc.flux_steps, tc.stop_at or tc.flux_steps)
     for step in range(start, end):
         examples = [training_example(rng) for _ in range(tc.batch)]
         prompts = ["" if rng.random() < tc.null_prompt else p for p, _ in examples]
         with torch.no_grad():
-            x0 = pack_latents(ae.encode(torch.stack([render(s) for _, s in examples])))
-        ids = torch.tensor([e.ids for e in tokenizer.encode_batch(prompts)])
+            x0 = pack_latents(ae.encode(torch.stack([render(s) for _, s in examples]).to(dev)))
+        ids = torch.tensor([e.ids for e in tokenizer.encode_batch(prompts)], device=dev)
         pooled_ids = ids.clone()
-        drop = torch.rand(len(ids)) < tc.pooled_dropout
+        drop = (torch.rand(len(ids)) < tc.pooled_dropout).to(dev)
         pooled_ids[drop] = empty_ids
         text = TextCond(te.sequence(ids), te.pooled(pooled_ids))
         noise = torch.randn_like(x0)
-        t = sample_timesteps(len(x0), mean=tc.t_mean)
+        t = sample_timesteps(len(x0), mean=tc.t_mean).to(dev)
         loss = F.mse_loss(backend.velocity(noised(x0, noise, t), t, text), flow_target(x0, noise))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,14 +197,25 @@ def train_flux(cfg: SandboxConfig, tc: SandboxTrainConfig, tokenizer, ae: AutoEn
             log.info("flux step %d loss %.4f (avg %.4f) lr %.2e %.2fs/step", step, loss.item(), seen,
                      _lr(step, tc), (time.time() - t0) / (step - start + 1))
         if (step + 1) % tc.checkpoint_every == 0 or step + 1 == end:
-            state = {"te": te.state_dict(), "tr": tr.state_dict(), "ema_te": ema_te.state_dict(),
-                     "ema_tr": ema_tr.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                     "rng": _list_state(rng.getstate()), "torch_rng": torch.get_rng_state()}
+            state = _cpu({"te": te.state_dict(), "tr": tr.state_dict(), "ema_te": ema_te.state_dict(),
+                          "ema_tr": ema_tr.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                          "rng": _list_state(rng.getstate()), "torch_rng": torch.get_rng_state()})
             tmp = ckpt.with_suffix(".tmp")
             torch.save(state, tmp)
             tmp.replace(ckpt)
             save_text_and_flux(out, ema_te, ema_tr)
     return ema_te, ema_tr
+
+
+def _cpu(obj):
+    """Every tensor of a nested state moved to the CPU (checkpoints load on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
 
 
 def _list_state(state):
@@ -213,9 +227,9 @@ def _tuple_state(state):
 
 
 def save_text_and_flux(out: Path, te: TextEncoder, tr: FluxTransformer2DModel) -> None:
-    atomic_save_safetensors({k: v.half() for k, v in te.state_dict().items()}, out / "text_encoder.safetensors")
+    atomic_save_safetensors({k: v.half().cpu() for k, v in te.state_dict().items()}, out / "text_encoder.safetensors")
     tmp = out / "transformer.tmp"
-    copy.deepcopy(tr).half().save_pretrained(str(tmp), safe_serialization=True)
+    copy.deepcopy(tr).half().cpu().save_pretrained(str(tmp), safe_serialization=True)
     final = out / "transformer"
     if final.exists():
         for f in final.iterdir():
