@@ -62,15 +62,30 @@ def _wordnet():
 
 
 def wordnet_synonyms(word: str, limit: int = 8) -> list[str]:
-    """Lemmas of the word's first synsets (most frequent senses first), without the word itself."""
+    """Lemmas of the word's most used noun/adjective senses (SemCor counts of the word in each synset; taken in turn,
+    so every sense is represented), without the word itself. Proper names are kept only for proper-name concepts: "red" gives crimson, scarlet…, not Bolshevik;
+    "van gogh" gives Vincent van Gogh."""
     wn = _wordnet()
     key = word.strip().lower().replace(" ", "_")
+    synsets = [s for s in wn.synsets(key) if s.pos() in ("n", "a", "s")]
+
+    def own(s):
+        return [lemma for lemma in s.lemmas() if lemma.name().lower() == key]
+
+    def count(s) -> int:
+        return sum(lemma.count() for lemma in own(s))
+
+    ranked = sorted(range(len(synsets)), key=lambda i: (-count(synsets[i]), i))
+    chosen = [synsets[i] for i in ranked if count(synsets[i]) > 0][:3] or [synsets[i] for i in ranked][:2]
+    per_sense = []
+    for syn in chosen:
+        proper = any(ch.isupper() for lemma in own(syn) for ch in lemma.name())
+        names = [lemma.name().replace("_", " ") for lemma in syn.lemmas()]
+        per_sense.append([n for n in names if n.lower() != word.strip().lower()
+                          and (proper or not any(ch.isupper() for ch in n))])
     out: list[str] = []
-    for syn in wn.synsets(key)[:3]:
-        for lemma in syn.lemmas():
-            name = lemma.name().replace("_", " ")
-            if name.lower() != word.lower() and name not in out:
-                out.append(name)
+    for rank in range(max((len(p) for p in per_sense), default=0)):  # round robin: every sense is represented
+        out += [p[rank] for p in per_sense if rank < len(p) and p[rank] not in out]
     return out[:limit]
 
 

@@ -104,9 +104,11 @@ def matrix_image(m: torch.Tensor, names: Sequence[str], title: str, cell: int = 
     n = m.shape[0]
     font = _font(10)
     label_w = max(len(s) for s in names) * 6 + 8
-    out = Image.new("RGB", (label_w + n * cell + 8, 24 + label_w + n * cell), (255, 255, 255))
+    title_font = _font(12)
+    title_w = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=title_font)) + 8
+    out = Image.new("RGB", (max(label_w + n * cell + 8, title_w), 24 + label_w + n * cell), (255, 255, 255))
     draw = ImageDraw.Draw(out)
-    draw.text((4, 4), title, fill=(0, 0, 0), font=_font(12))
+    draw.text((4, 4), title, fill=(0, 0, 0), font=title_font)
     colours = colormap(m.float().clamp(0, 1))
     y0 = 24 + label_w
     for i in range(n):

@@ -78,7 +78,7 @@ class MergeLoras(io.ComfyNode):
         summary = interference_summary(cos)
         worst = max(summary, key=lambda b: summary[b]["max_abs_cos"])
         mean = sum(c.abs() for c in cos.values()) / len(cos)
-        short = [n.rsplit("/", 1)[-1].removesuffix(".safetensors")[:14] for n in names]
+        short = [n.rsplit("/", 1)[-1].removesuffix(".safetensors")[:24] for n in names]
         img = matrix_image(mean, short, f"|cos| of the LoRAs' edits, mean over blocks (max in {worst}: "
                                         f"{summary[worst]['max_abs_cos']:.2f})")
         log.info("merged %s (%s) → %s", names, mode, out)

@@ -12,7 +12,9 @@ from erase_core.concepts import (build_concept_set, irrelevant_in_bands, llm_irr
 def test_wordnet_synonyms_offline():
     syn = wordnet_synonyms("car")
     assert "automobile" in syn and "car" not in syn
-    assert "redness" in wordnet_synonyms("red")  # WordNet senses in frequency order, noun first
+    red = wordnet_synonyms("red")  # the colour senses, not the political one (Bolshevik, Marxist)
+    assert {"redness", "crimson", "scarlet"} & set(red) and not {"Bolshevik", "Marxist", "bolshie"} & set(red)
+    assert "Vincent van Gogh" in wordnet_synonyms("van gogh")  # proper names stay for proper-name concepts
 
 
 def test_similarity_bands():
