@@ -107,8 +107,57 @@ def _child(comfy_dir: str, out_path: str) -> int:
         stock, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path), safe_load=True),
                                                  1.0, 0.0)
         out["export_vs_stock_loader"] = (ComfyFlux(stock, (8, 8)).velocity(x, t, text) - v_student).abs().max().item()
+    out["dev"] = _tiny_dev(comfy_dir, Path(out_path).with_name("dev_lora.safetensors"))
     Path(out_path).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def _tiny_dev(comfy_dir: str, lora_path: Path) -> dict:
+    """Flux-dev geometry in miniature (guidance embedding, T5 width 4096, CLIP pooled 768; random weights, made by the
+    kit's make_tiny_models.py): the backend's guidance path, capture, LoRA training step and export."""
+    import torch
+    import comfy.sd
+    import comfy.utils
+
+    from erase_core.flux.backend import TextCond
+    from erase_core.flux.comfy import ComfyFlux
+    from erase_core.lora_file import LoraFile, write_lora_file
+
+    path = Path(comfy_dir) / "models" / "diffusion_models" / "tiny_flux.safetensors"
+    if not path.exists():
+        return {"skipped": f"{path} is missing (the ComfyUI kit's make_tiny_models.py writes it)"}
+    model = comfy.sd.load_diffusion_model(str(path))
+    out: dict = {"detected": type(model.model.model_config).__name__}
+    gen = torch.Generator().manual_seed(0)
+    text = TextCond(torch.randn(2, 12, 4096, generator=gen), torch.randn(2, 768, generator=gen))
+    x, t = torch.randn(2, 16, 64, generator=gen), torch.tensor([0.7, 0.3])
+    try:
+        ComfyFlux(model, (8, 8))
+    except ValueError as err:
+        out["needs_guidance"] = "guidance" in str(err)
+    with torch.inference_mode(False), torch.enable_grad():
+        backend = ComfyFlux(model.clone(force_deepcopy=True), (8, 8), guidance=3.5)
+        params = backend.attach_lora(("add_q_proj", "add_k_proj", "pooled"), rank=4, alpha=4.0)
+        with torch.no_grad():
+            for p in params:  # a non-zero LoRA, so that the export check means something
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        with backend.attention_patch([[1, 2], [3]], keep_grad=True) as patch:
+            v = backend.velocity(x, t, text)
+        loss = v.pow(2).mean() + torch.stack(list(patch.result.maps.values())).mean()
+        out["maps"] = len(patch.result.maps)  # before backward: its recomputation records the blocks again
+        with patch:
+            loss.backward()
+        out["grads"] = sum(int(p.grad is not None and p.grad.abs().sum() > 0) for p in params)
+        out["params"] = len(params)
+        with torch.no_grad():
+            v = backend.velocity(x, t, text)
+            write_lora_file(LoraFile(backend.trained_modules(), {}), lora_path, overwrite=True)
+            stock, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(lora_path)), 1.0, 0.0)
+            v_stock = ComfyFlux(stock, (8, 8), guidance=3.5).velocity(x, t, text)
+            v_base = ComfyFlux(model, (8, 8), guidance=3.5).velocity(x, t, text)
+    out["export_vs_stock_loader"] = (v - v_stock).abs().max().item()
+    out["lora_effect"] = (v - v_base).abs().max().item()
+    return out
 
 
 if __name__ != "__main__":
@@ -143,6 +192,14 @@ if __name__ != "__main__":
         assert measured["base_untouched"] and measured["clone_base_weights_unchanged"]
         assert measured["lora_changed"] > 0 and measured["lora_effect"] > 1e-3
         assert measured["teacher_is_base"] <= 1e-5, measured
+
+    def test_flux_dev_geometry_guidance_capture_training_and_export(measured):
+        dev = measured["dev"]
+        if "skipped" in dev:
+            pytest.skip(dev["skipped"])
+        assert dev["detected"] == "Flux" and dev["needs_guidance"]
+        assert dev["maps"] == 2 and dev["grads"] == dev["params"] > 0
+        assert dev["lora_effect"] > 1e-4 and dev["export_vs_stock_loader"] <= 1e-4, dev
 
     def test_exported_lora_is_what_diffusers_and_the_stock_loader_apply(measured):
         assert measured["export_vs_diffusers"] <= VELOCITY_ATOL, measured
