@@ -89,6 +89,14 @@ IMAGES_READY = r"""(() => {
     return n && n.imgs?.length && n.imgs.every((i) => i.complete && i.naturalWidth > 0); });
 })()"""
 
+# Position, size and loaded previews of the nodes that got images (for the report).
+NODE_STATE = r"""(() => {
+  const app = window.app ?? window.comfyAPI.app.app;
+  return %s.map((id) => { const n = app.graph.getNodeById(id);
+    return { id, type: n?.type, pos: n?.pos && [...n.pos], size: n?.size && [...n.size],
+             imgs: (n?.imgs ?? []).map((i) => [i.naturalWidth, i.naturalHeight, i.src.split("?")[1]]) }; });
+})()"""
+
 # Grow image nodes into free space below them, then fit every node (title bar included) into the canvas, centred, zoom capped at `maxScale`.
 FIT = r"""(async (maxScale, margin, gap) => {
   const app = window.app ?? window.comfyAPI.app.app, c = app.canvas, th = LiteGraph.NODE_TITLE_HEIGHT;
@@ -232,6 +240,7 @@ async def run_all(args, url: str, dev_port: int, tmp: Path, loras_dir: Path, cre
                 except TimeoutError:
                     previews = False
                 await asyncio.sleep(0.5)
+                nodes_state = await page.js(NODE_STATE % json.dumps(img_nodes))
                 fit = await page.js(f"{FIT}({args.max_scale}, 16, 40)")
                 await asyncio.sleep(0.5)
                 shot = await page.send("Page.captureScreenshot", format="png")
@@ -249,7 +258,8 @@ async def run_all(args, url: str, dev_port: int, tmp: Path, loras_dir: Path, cre
                                 copies[what] = src
                 report["workflows"][name] = {"status": status, "run_s": run_s, "previews": previews,
                                              "scale": round(fit["scale"], 3), "shot": str(path),
-                                             "shot_std": round(std, 1), "loras": loras}
+                                             "shot_std": round(std, 1), "loras": loras,
+                                             "image_nodes": nodes_state}
                 print(f"[{name}] {status} in {run_s} s, previews {previews}, zoom {fit['scale']:.2f}, "
                       f"screenshot std {std:.1f}", file=sys.stderr, flush=True)
                 if status != "success":

@@ -108,8 +108,42 @@ def _child(comfy_dir: str, out_path: str) -> int:
                                                  1.0, 0.0)
         out["export_vs_stock_loader"] = (ComfyFlux(stock, (8, 8)).velocity(x, t, text) - v_student).abs().max().item()
     out["dev"] = _tiny_dev(comfy_dir, Path(out_path).with_name("dev_lora.safetensors"))
+    out["dtypes"] = _low_precision(sw, clip)
     Path(out_path).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def _low_precision(sw, clip) -> dict:
+    """Base weights stored in bf16 / fp8 (as ComfyUI loads big Flux checkpoints), LoRA in fp32: a few EraseAnything
+    steps train, and the velocity stays close to the fp32 model's."""
+    import torch
+
+    from erase_core.comfy.sandbox import load_sandbox_model
+    from erase_core.comfy.world import ComfyWorld
+    from erase_core.flux.comfy import ComfyFlux
+    from erase_core.sandbox.erase_sets import sandbox_concept_set
+    from erase_core.train import EraseConfig, Eraser
+
+    x, t, text = sw.noise(2, 5), torch.tensor([0.8, 0.4]), sw.encode(["a red circle", "a blue square"])
+    with torch.no_grad():
+        ref = ComfyFlux(load_sandbox_model(sw), (8, 8)).velocity(x, t, text)
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp8_e4m3fn", torch.float8_e4m3fn)):
+        model = load_sandbox_model(sw, dtype)
+        world = ComfyWorld(model, clip, (8, 8), cfg_scale=3.0, sample_steps=4)
+        with torch.no_grad():
+            v = ComfyFlux(model, (8, 8)).velocity(x, t, text)
+        with torch.inference_mode(False), torch.enable_grad():
+            er = Eraser(world, sandbox_concept_set("red"), EraseConfig(steps=2, batch=2, base_samples=2,
+                                                                         preserve_images=1))
+            res = er.train()
+        out[name] = {"weight_dtype": str(next(model.model.diffusion_model.parameters()).dtype),
+                     "lora_dtypes": sorted({str(p.dtype) for p in er.params}),
+                     "rel_velocity_error": ((v - ref).norm() / ref.norm()).item(),
+                     "finite": all(all(map(lambda z: z == z, e.losses.values())) for e in res.history),
+                     "lora_moved": max(p.abs().max().item() for n, p in er.backend.lora_parameters().items()
+                                       if ".up." in n)}
+    return out
 
 
 def _tiny_dev(comfy_dir: str, lora_path: Path) -> dict:
@@ -200,6 +234,11 @@ if __name__ != "__main__":
         assert dev["detected"] == "Flux" and dev["needs_guidance"]
         assert dev["maps"] == 2 and dev["grads"] == dev["params"] > 0
         assert dev["lora_effect"] > 1e-4 and dev["export_vs_stock_loader"] <= 1e-4, dev
+
+    def test_bf16_and_fp8_bases_train_an_fp32_lora(measured):
+        for name, d in measured["dtypes"].items():
+            assert d["lora_dtypes"] == ["torch.float32"] and d["finite"] and d["lora_moved"] > 0, (name, d)
+            assert d["rel_velocity_error"] < (0.02 if name == "bf16" else 0.15), (name, d)
 
     def test_exported_lora_is_what_diffusers_and_the_stock_loader_apply(measured):
         assert measured["export_vs_diffusers"] <= VELOCITY_ATOL, measured

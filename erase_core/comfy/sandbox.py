@@ -84,12 +84,13 @@ def sandbox_latent_format(cfg) -> Any:
     return fmt
 
 
-def load_sandbox_model(world) -> Any:
-    """The sandbox transformer as a ComfyUI MODEL (``ModelPatcher``), loaded by ComfyUI's own loader in fp32."""
+def load_sandbox_model(world, dtype: torch.dtype = torch.float32, weights_dir: str | Path | None = None) -> Any:
+    """The sandbox transformer as a ComfyUI MODEL (``ModelPatcher``), loaded by ComfyUI's own loader (fp32 by
+    default; bf16 or fp8 storage as ComfyUI offers for Flux)."""
     import comfy.sd
 
     patcher = comfy.sd.load_diffusion_model_state_dict(sandbox_bfl_state_dict(world),
-                                                       model_options={"dtype": torch.float32})
+                                                       model_options={"dtype": dtype})
     if patcher is None:
         raise RuntimeError("comfy.sd.load_diffusion_model_state_dict could not detect the sandbox transformer; "
                            "its hidden size must be a multiple of 128 (see erase_core.sandbox.models.SandboxConfig)")
@@ -100,8 +101,11 @@ def load_sandbox_model(world) -> Any:
     fmt = sandbox_latent_format(world.cfg)
     patcher.model.latent_format = fmt
     patcher.model.model_config.latent_format = fmt
-    log.info("sandbox MODEL loaded as %s (%d double, %d single blocks, fp32)", kind,
-             len(patcher.model.diffusion_model.double_blocks), len(patcher.model.diffusion_model.single_blocks))
+    # how ComfyUI re-creates a MODEL for a deep copy (``clone(force_deepcopy=True)``, what trainers use); ``world``
+    # must come from ``weights_dir`` (default: the shipped weights)
+    patcher.cached_patcher_init = (sandbox_model_patcher, (str(weights_dir) if weights_dir else None, dtype))
+    log.info("sandbox MODEL loaded as %s (%d double, %d single blocks, %s)", kind,
+             len(patcher.model.diffusion_model.double_blocks), len(patcher.model.diffusion_model.single_blocks), dtype)
     return patcher
 
 
@@ -358,16 +362,12 @@ def load_sandbox_comfy(weights_dir: str | Path | None = None) -> tuple[Any, Any,
     from ..sandbox.pipeline import SandboxWorld
 
     world = SandboxWorld.load(weights_dir)
-    model = load_sandbox_model(world)
-    # how ComfyUI re-creates a MODEL for a deep copy (``clone(force_deepcopy=True)``, what trainers use)
-    model.cached_patcher_init = (sandbox_model_patcher, (str(weights_dir) if weights_dir else None,))
-    return model, sandbox_clip(world), sandbox_vae(world)
+    return load_sandbox_model(world, weights_dir=weights_dir), sandbox_clip(world), sandbox_vae(world)
 
 
-def sandbox_model_patcher(weights_dir: str | None = None, disable_dynamic: bool = False) -> Any:
+def sandbox_model_patcher(weights_dir: str | None = None, dtype: torch.dtype = torch.float32,
+                          disable_dynamic: bool = False) -> Any:
     """A fresh sandbox MODEL (the factory ComfyUI calls to deep-copy one)."""
     from ..sandbox.pipeline import SandboxWorld
 
-    model = load_sandbox_model(SandboxWorld.load(weights_dir))
-    model.cached_patcher_init = (sandbox_model_patcher, (weights_dir,))
-    return model
+    return load_sandbox_model(SandboxWorld.load(weights_dir), dtype, weights_dir)
