@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -130,6 +131,27 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def locatable(world, concept: ConceptSet) -> ConceptSet:
+    """``concept`` without the synonyms / irrelevant concepts whose tokens the world's tokenizer cannot find in a
+    prompt (e.g. WordNet's "blood-red" where the tokenizer has no "-"), each dropped one logged; the concept word
+    itself must be found."""
+    probe = concept.prompts[0]
+    world.token_indices(probe, concept.word)  # raises, naming the word and the prompt
+
+    def found(word: str) -> bool:
+        try:
+            return bool(world.token_indices(concept.substitute(probe, word), word))
+        except ValueError:
+            log.warning("dropping %r: its tokens cannot be found in %r", word, concept.substitute(probe, word))
+            return False
+
+    synonyms = tuple(w for w in concept.synonyms if found(w))
+    irrelevant = tuple(w for w in concept.irrelevant if found(w))
+    if (synonyms, irrelevant) == (concept.synonyms, concept.irrelevant):
+        return concept
+    return dataclasses.replace(concept, synonyms=synonyms, irrelevant=irrelevant)
+
+
 def _copy(model):
     """A trainable copy of a ComfyUI MODEL or a torch module."""
     if hasattr(model, "model_options") and hasattr(model, "clone"):
@@ -149,7 +171,8 @@ class Eraser:
     def __init__(self, world, concept: ConceptSet, config: EraseConfig, transformer=None, in_place: bool = False):
         """``in_place=True`` attaches the LoRA to ``transformer`` itself instead of a copy (a 12 B Flux has no room
         for a second copy); the teacher is that model with the LoRA disabled either way."""
-        self.world, self.concept, self.cfg = world, concept, config
+        self.world, self.cfg = world, config
+        self.concept = locatable(world, concept)
         base = transformer if transformer is not None else world.transformer
         self.model = base if in_place else _copy(base)
         self.backend = world.backend(self.model)

@@ -10,8 +10,9 @@ a throw-away user / output / temp / input directory, ``OMP_NUM_THREADS=1``), ope
 ``workflows/sandbox_<name>.json``:
 
 * loads the UI-format workflow into the page (``app.loadGraphData``);
-* lowers every Erase Concept's ``steps`` to ``--erase-steps`` (30; the shipped 100 take ~3× longer on a CPU) and, only
-  if a LoRA of that name already exists under ``models/loras/erase_flux/``, renames the LoRA this run saves;
+* lowers every Erase Concept's ``steps`` to ``--erase-steps`` (30; the shipped 100 take ~3× longer on a CPU), sets
+  its ``synonyms`` where ``--synonyms concept=list`` asks, and, only if a LoRA of that name already exists under
+  ``models/loras/erase_flux/``, renames the LoRA this run saves;
 * queues it from the page (``app.queuePrompt(0)``, as the Run button does) and waits for its ``/history`` entry;
 * waits for the image previews on the SaveImage / PreviewImage nodes, fits the graph to the view, switches to focus
   mode (no menus or side bars) and saves ``docs/img/workflow_<name>.png`` (1400×900);
@@ -60,7 +61,7 @@ SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Co
             "Comfy.VueNodes.Enabled": False}
 
 # Load a workflow, make Erase Concept quick, rename LoRAs that would overwrite existing files. Returns the LoRA stems.
-LOAD = r"""(async (data, name, steps, taken) => {
+LOAD = r"""(async (data, name, steps, taken, synonyms) => {
   const app = window.app ?? window.comfyAPI.app.app;
   await app.loadGraphData(data, true, true, name);
   const w = (n, k) => n.widgets?.find((x) => x.name === k);
@@ -68,6 +69,7 @@ LOAD = r"""(async (data, name, steps, taken) => {
   for (const n of app.graph._nodes) {
     if (n.type === "EraseFlux_EraseConcept") {
       const s = w(n, "steps"); if (s.value > steps) s.value = steps;
+      const syn = synonyms[w(n, "concept").value.trim()]; if (syn !== undefined) w(n, "synonyms").value = syn;
     }
     const key = n.type === "EraseFlux_EraseConcept" ? "lora_name" : n.type === "EraseFlux_MergeLoras" ? "name" : null;
     if (key) {
@@ -86,7 +88,8 @@ IMAGES_READY = r"""(() => {
   const ids = %s;
   app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);
   return ids.every((id) => { const n = app.graph.getNodeById(id);
-    return n && n.imgs?.length && n.imgs.every((i) => i.complete && i.naturalWidth > 0); });
+    return n && n.imgs?.length && n.imgs.every((i) => i.complete && i.naturalWidth > 0)
+      && n.widgets?.some((w) => w.name === "$$canvas-image-preview"); });
 })()"""
 
 # Position, size and loaded previews of the nodes that got images (for the report).
@@ -97,18 +100,41 @@ NODE_STATE = r"""(() => {
              imgs: (n?.imgs ?? []).map((i) => [i.naturalWidth, i.naturalHeight, i.src.split("?")[1]]) }; });
 })()"""
 
-# Grow image nodes into free space below them, then fit every node (title bar included) into the canvas, centred, zoom capped at `maxScale`.
-FIT = r"""(async (maxScale, margin, gap) => {
-  const app = window.app ?? window.comfyAPI.app.app, c = app.canvas, th = LiteGraph.NODE_TITLE_HEIGHT;
-  c.deselectAll?.();
-  // Give image nodes the free height below them (down to the next node in their column, or the graph's bottom).
-  const nodes = app.graph._nodes, bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
-  for (const n of nodes.filter((n) => n.imgs?.length)) {
-    const below = nodes.filter((m) => m !== n && m.pos[1] > n.pos[1]
-      && m.pos[0] < n.pos[0] + n.size[0] && n.pos[0] < m.pos[0] + m.size[0]);
-    const limit = below.length ? Math.min(...below.map((m) => m.pos[1] - th - gap)) : bottom;
+# Make room for the image previews, which the workflow's layout (from scripts/workflow_ui.py) does not leave:
+# every image node gets the height that shows its first image at the node's width (the frontend never enlarges an
+# image, so a 32×32 sample needs little; the preview's 220-unit minimum is lowered to that), at most `cap`; nodes
+# below it in its column move down; then an image node may grow into free space below it, up to what it needs.
+LAYOUT = r"""(async (gap, cap) => {
+  const app = window.app ?? window.comfyAPI.app.app, th = LiteGraph.NODE_TITLE_HEIGHT, nodes = app.graph._nodes;
+  const want = new Map();
+  for (const n of nodes) {
+    const img = n.imgs?.[0], pw = n.widgets?.find((w) => w.name === "$$canvas-image-preview");
+    if (!img || !pw) continue;
+    const h = Math.min(img.naturalHeight, (n.size[0] - 20) * img.naturalHeight / img.naturalWidth) + 30;
+    pw.computeLayoutSize = () => ({ minHeight: Math.min(220, h), minWidth: 1 });
+    want.set(n, pw.y + h);
+    n.setSize([n.size[0], Math.max(n.computeSize()[1], Math.min(pw.y + h, cap))]);
+  }
+  const over = (a, b) => a.pos[0] < b.pos[0] + b.size[0] && b.pos[0] < a.pos[0] + a.size[0];
+  const done = [];
+  for (const b of [...nodes].sort((a, b) => a.pos[1] - b.pos[1])) {
+    for (const a of done) if (over(a, b)) b.pos[1] = Math.max(b.pos[1], a.pos[1] + a.size[1] + th + gap);
+    done.push(b);
+  }
+  const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+  for (const [n, w] of want) {
+    const below = nodes.filter((m) => m !== n && m.pos[1] > n.pos[1] && over(m, n));
+    const limit = Math.min(n.pos[1] + w, below.length ? Math.min(...below.map((m) => m.pos[1] - th - gap)) : bottom);
     if (limit > n.pos[1] + n.size[1]) n.setSize([n.size[0], limit - n.pos[1]]);
   }
+  app.graph.setDirtyCanvas(true, true);
+  return [...want].map(([n, w]) => [n.id, Math.round(w), [...n.size]]);
+})"""
+
+# Fit every node (title bar included) into the canvas, centred, zoom capped at `maxScale`.
+FIT = r"""(async (maxScale, margin) => {
+  const app = window.app ?? window.comfyAPI.app.app, c = app.canvas, th = LiteGraph.NODE_TITLE_HEIGHT;
+  c.deselectAll?.();
   let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
   for (const n of app.graph._nodes) {
     x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - th);
@@ -186,6 +212,7 @@ async def run_all(args, url: str, dev_port: int, tmp: Path, loras_dir: Path, cre
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     copies: dict[str, Path] = {}
+    synonyms = dict(x.split("=", 1) for x in args.synonyms)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{dev_port}/json/list") as r:
             target = next(t for t in await r.json() if t.get("type") == "page")
@@ -210,13 +237,14 @@ async def run_all(args, url: str, dev_port: int, tmp: Path, loras_dir: Path, cre
                 data = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
                 taken = sorted(p.stem for p in loras_dir.glob("*.safetensors"))
                 loras = await page.js(f"{LOAD}({json.dumps(data)}, {json.dumps(name)}, {args.erase_steps},"
-                                      f" {json.dumps(taken)})")
+                                      f" {json.dumps(taken)}, {json.dumps(synonyms)})")
                 for stem in loras:
                     for p in (loras_dir / f"{stem}.safetensors", loras_dir / "checkpoints" / f"{stem}.pt"):
                         if not p.exists() and p not in created:
                             created.append(p)
                 async with http.get(url + "/history") as r:
                     before = set(await r.json())
+                await page.js(f"{FIT}({args.max_scale}, 16)")
                 await page.js("(window.app ?? window.comfyAPI.app.app).queuePrompt(0, 1).then(() => true)")
                 entry = None
                 end = time.monotonic() + args.timeout
@@ -234,15 +262,16 @@ async def run_all(args, url: str, dev_port: int, tmp: Path, loras_dir: Path, cre
                 run_s = round(time.monotonic() - t1, 1)
                 outputs = entry.get("outputs", {})
                 img_nodes = [int(k) for k, v in outputs.items() if v.get("images")]
-                try:
-                    await page.wait_for(IMAGES_READY % json.dumps(img_nodes), 30, f"{name}'s image previews")
-                    previews = True
+                ready = IMAGES_READY % json.dumps(img_nodes)
+                try:  # previews load when their node is drawn: every node is on screen since the fit
+                    await page.wait_for(ready, 30, f"{name}'s image previews")
                 except TimeoutError:
-                    previews = False
-                await asyncio.sleep(0.5)
+                    pass
+                await page.js(f"{LAYOUT}(40, {args.max_image_h})")
+                fit = await page.js(f"{FIT}({args.max_scale}, 16)")
+                await asyncio.sleep(1.0)
+                previews = bool(await page.js(ready))
                 nodes_state = await page.js(NODE_STATE % json.dumps(img_nodes))
-                fit = await page.js(f"{FIT}({args.max_scale}, 16, 40)")
-                await asyncio.sleep(0.5)
                 shot = await page.send("Page.captureScreenshot", format="png")
                 path = out_dir / f"workflow_{name.removeprefix('sandbox_')}.png"
                 path.write_bytes(base64.b64decode(shot["data"]))
@@ -281,7 +310,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"))
     ap.add_argument("--only", nargs="*", choices=NAMES, help="workflows to run (default: all five)")
     ap.add_argument("--erase-steps", type=int, default=30, help="cap on Erase Concept's steps (default 30)")
+    ap.add_argument("--synonyms", action="append", default=[], metavar="CONCEPT=LIST",
+                    help="set Erase Concept's synonyms for that concept instead of the workflow's (repeatable)")
     ap.add_argument("--max-scale", type=float, default=1.25, help="largest canvas zoom when fitting")
+    ap.add_argument("--max-image-h", type=int, default=520, help="image node height cap (graph units) when laying out")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per workflow run")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temp dir (log, outputs)")
     a = ap.parse_args(argv)
@@ -310,6 +342,7 @@ def main(argv=None) -> int:
     finally:
         stop(browser)
         stop(server)
+        removed = [str(p) for p in created if p.is_file()]
         for p in created:
             p.unlink(missing_ok=True)
         shutil.rmtree(profile, ignore_errors=True)
@@ -318,7 +351,7 @@ def main(argv=None) -> int:
         else:
             print(f"[temp] kept {tmp}", file=sys.stderr)
     report["total_s"] = round(time.monotonic() - t0, 1)
-    report["removed_loras"] = [str(p) for p in created]
+    report["removed_loras"] = removed
     print(json.dumps(report, indent=1))
     bad = [n for n, w in report["workflows"].items()
            if w["status"] != "success" or w["shot_std"] < MIN_SHOT_STD or not w["previews"]]

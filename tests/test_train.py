@@ -214,3 +214,23 @@ def test_gradient_checkpointing_gives_the_same_step(world):
     assert a.keys() == b.keys() and any(p.abs().sum() > 0 for n, p in a.items() if "lora_B" in n)
     for n in a:
         assert torch.allclose(a[n], b[n], atol=1e-5), n
+
+
+def test_synonyms_the_tokenizer_cannot_find_are_dropped_not_fatal(world, caplog):
+    """WordNet's automatic synonyms can hold characters the tokenizer maps to <unk> ("blood-red" on the sandbox):
+    the trainer drops them with a warning instead of failing mid-training."""
+    class NoHyphens:  # ComfyUI's sandbox CLIP rebuilds text from pieces, so <unk> for "-" cannot be matched
+        def __getattr__(self, name):
+            return getattr(world, name)
+
+        def token_indices(self, prompt, word):
+            if "-" in word:
+                raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}")
+            return world.token_indices(prompt, word)
+
+    cs = ConceptSet("red", ("a red circle",), synonyms=("crimson", "blood-red"), irrelevant=("blue", "x-y"),
+                    preserve_prompts=("a blue square",))
+    er = Eraser(NoHyphens(), cs, EraseConfig(**SMALL))
+    assert er.concept.synonyms == ("crimson",) and er.concept.irrelevant == ("blue",)
+    assert "blood-red" in caplog.text
+    er.train()
