@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped sandbox weights from scratch, exactly as they were made (seed 0).
 # Usage: bash scripts/train_sandbox.sh OUT_DIR      (then copy OUT_DIR's files into erase_core/sandbox/weights)
+# (`sandbox train --device cuda` runs a transformer stage on a GPU: same command, statistically the same result.)
 # Each stage resumes the previous one from OUT_DIR/flux_checkpoint.pt (weights, optimiser, RNG states), so the
 # three stages give the same weights as one uninterrupted run of this schedule. Times on 2 CPU cores:
 #   1. tokenizer, autoencoder (800 steps), classifier (1,000 steps), transformer steps 0-4,000 at logit-normal
