@@ -39,6 +39,7 @@ log = logging.getLogger("erase_flux.train")
 
 Method = Literal["eraseanything", "eraseanything+neighbors", "esd", "ca", "realera"]
 EA_METHODS = ("eraseanything", "eraseanything+neighbors")
+RESUMABLE_CHANGES = ("steps", "preview_every")  # a resumed run may train longer (or shorter) and preview differently
 
 
 @dataclass(frozen=True)
@@ -367,10 +368,11 @@ class Eraser:
     def load_checkpoint(self, path) -> int:
         """Restore a checkpoint written by :meth:`save_checkpoint`; returns the step to continue from."""
         state = torch.load(path, weights_only=True)
-        if state["config"] != self.cfg.to_dict():
-            diff = [k for k in state["config"] if state["config"][k] != self.cfg.to_dict().get(k)]
+        mine = self.cfg.to_dict()
+        diff = [k for k in state["config"] if k not in RESUMABLE_CHANGES and state["config"][k] != mine.get(k)]
+        if diff:
             raise ValueError(f"checkpoint {path} was made with another config (differs in {diff}); resume with the "
-                             "same settings")
+                             f"same settings (only {', '.join(RESUMABLE_CHANGES)} may change)")
         params = self.backend.lora_parameters()
         with torch.no_grad():
             for n, v in state["lora"].items():
@@ -384,9 +386,10 @@ class Eraser:
     def train(self, progress: Callable[[StepLog], None] | None = None,
               should_stop: Callable[[], bool] | None = None, checkpoint_path=None,
               resume: bool = False) -> EraseResult:
-        """Run the outer loop. ``should_stop()`` is polled every step (e.g. ComfyUI's Cancel); when it fires, or the
-        loss is not finite, the last good state is written to ``checkpoint_path`` (if given) so a later call with
-        ``resume=True`` continues exactly."""
+        """Run the outer loop. ``should_stop()`` is polled every step; when it fires, when anything raises during a
+        step or from ``progress`` (ComfyUI cancels by raising from its ops and its progress hook), or when the loss is
+        not finite, the last good state is written to ``checkpoint_path`` (if given) and the exception propagates, so
+        a later call with ``resume=True`` continues exactly."""
         history: list[StepLog] = []
         t0 = time.time()
         interrupted = False
@@ -408,7 +411,7 @@ class Eraser:
                 if self.cfg.method in EA_METHODS:
                     for _ in range(self.cfg.upper_steps):
                         logs.update(self.upper_step())
-            except NonFiniteLoss:
+            except BaseException:  # a non-finite loss, or a host cancelling mid-step (ComfyUI raises from its ops)
                 if checkpoint_path:
                     tmp = checkpoint_path.with_name(checkpoint_path.name + ".tmp")
                     torch.save(good, tmp)
@@ -417,7 +420,12 @@ class Eraser:
             entry = StepLog(step, logs, time.time() - t0, self.preview(step))
             history.append(entry)
             if progress:
-                progress(entry)
+                try:
+                    progress(entry)
+                except BaseException:  # a host that cancels by raising from its progress hook (ComfyUI does)
+                    if checkpoint_path:
+                        self.save_checkpoint(checkpoint_path, step + 1)
+                    raise
             if step % 10 == 0:
                 log.info("erase step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
         return EraseResult(self.model, self.cfg, self.concept, history, dict(self.forwards), interrupted)

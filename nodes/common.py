@@ -53,6 +53,14 @@ def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0]) / PACK
 
 
+def checkpoints_dir() -> Path:
+    """output/erase_flux/checkpoints: where a cancelled training keeps its resumable state (not in models/loras,
+    whose loaders would list the .pt files as LoRAs)."""
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory()) / PACK / "checkpoints"
+
+
 def lora_choices() -> list[str]:
     import folder_paths
 

@@ -11,7 +11,7 @@ from erase_core.comfy.world import ComfyWorld
 from erase_core.render import to_pil
 from erase_core.train import EA_METHODS, EraseConfig
 
-from .common import CATEGORY, Progress, apply_lora, check_name, latent_hw, loras_dir, pil_to_image
+from .common import CATEGORY, Progress, apply_lora, check_name, checkpoints_dir, latent_hw, loras_dir, pil_to_image
 
 log = logging.getLogger("erase_flux.nodes")
 METHODS = [*EA_METHODS, "realera", "esd", "ca", "uce"]
@@ -65,7 +65,8 @@ class EraseConcept(io.ComfyNode):
                 io.String.Input("lora_name", default="erase_red", tooltip="File name under models/loras/erase_flux/ "
                                 "(letters, digits, _ - .)."),
                 io.Boolean.Input("resume", default=False, tooltip="Continue from the checkpoint a Cancel left for "
-                                 "this lora_name."),
+                                 "this lora_name (output/erase_flux/checkpoints/); steps may be raised, nothing else "
+                                 "may change."),
                 io.Int.Input("preview_every", default=10, min=0, max=1000, tooltip="Show a sample of the concept "
                              "prompt in the progress bar every N steps (0 = off)."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the preview samples."),
@@ -96,7 +97,7 @@ class EraseConcept(io.ComfyNode):
 
         stem = check_name(lora_name)
         out = loras_dir() / f"{stem}.safetensors"
-        ckpt = loras_dir() / "checkpoints" / f"{stem}.pt"
+        ckpt = checkpoints_dir() / f"{stem}.pt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         config = EraseConfig(method="esd" if method == "uce" else method, steps=steps, lr=lr, rank=rank, alpha=float(rank), eta=eta,
                              lambda_attn=lambda_attn, lambda_preserve=lambda_preserve, lambda_rsc=lambda_rsc,

@@ -281,7 +281,7 @@ def test_sandbox_workflow(server, results, path):
         if node["class_type"] == "EraseFlux_EraseConcept":
             lora = loras_dir() / f"{node['inputs']['lora_name']}.safetensors"
             assert lora.is_file() and lora.stat().st_size > 1000, f"EraseConcept did not save {lora}"
-            assert not (loras_dir() / "checkpoints" / f"{node['inputs']['lora_name']}.pt").exists()
+            assert not (server.output / "erase_flux" / "checkpoints" / f"{node['inputs']['lora_name']}.pt").exists()
         if node["class_type"] == "EraseFlux_MergeLoras":
             merged = loras_dir() / f"{node['inputs']['name']}.safetensors"
             assert merged.is_file(), f"MergeLoras did not save {merged}"
@@ -342,3 +342,41 @@ def test_flux_workflow_validates_but_for_missing_model_files(server, path):
                         and e.get("extra_info", {}).get("input_name") in MODEL_FILE_INPUTS)]
     assert not problems, f"{path.name}: validation errors besides missing model files: {problems}\n{reply}"
     assert reply["node_errors"], reply
+
+
+def test_cancel_keeps_a_checkpoint_and_resume_finishes(server, results):
+    """Pressing Cancel (POST /interrupt) during Erase Concept leaves a resumable checkpoint and no LoRA; queueing the
+    same node with resume on continues from it and saves the LoRA (the checkpoint is then removed)."""
+    graph = json.loads((ROOT / "workflows" / "api" / "sandbox_erase.json").read_text())
+    nid = next(i for i, n in graph.items() if n["class_type"] == "EraseFlux_EraseConcept")
+    name = f"{RUN}_cancel"
+    erase = {**graph[nid], "inputs": {**graph[nid]["inputs"], "steps": 400, "lora_name": name, "preview_every": 0}}
+    erase["inputs"].pop("vae", None)
+    mini = {nid: erase, **{i: n for i, n in graph.items() if n["class_type"] == "EraseFlux_SandboxLoader"}}
+    mini["900"] = {"class_type": "PreviewAny", "inputs": {"source": [nid, 1]}}
+    ckpt = server.output / "erase_flux" / "checkpoints" / f"{name}.pt"
+    results["loras"].append(f"{name}.safetensors")
+    code, reply = server.post_prompt(mini)
+    assert code == 200, reply
+    pid = reply["prompt_id"]
+    t0 = time.monotonic()
+    while "erase step 10 " not in server.log_text():  # the trainer logs every 10th step
+        assert time.monotonic() - t0 < PROMPT_TIMEOUT, server.log_tail()
+        time.sleep(0.5)
+    urllib.request.urlopen(urllib.request.Request(server.url + "/interrupt", data=b"", method="POST"), timeout=30)
+    while not (entry := server.get(f"/history/{pid}").get(pid)):
+        assert time.monotonic() - t0 < PROMPT_TIMEOUT, server.log_tail()
+        time.sleep(0.25)
+    assert entry["status"]["status_str"] == "error" and any(
+        kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), error_of(entry)
+    assert ckpt.is_file(), f"no resumable checkpoint at {ckpt}"
+    assert not (loras_dir() / f"{name}.safetensors").exists()
+    import torch  # noqa: PLC0415 — only for reading our own checkpoint (weights_only)
+
+    stopped_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 10 <= stopped_at < 400
+    erase["inputs"].update(resume=True, steps=stopped_at + 5)  # 5 more steps than the interrupted run reached
+    entry, secs = server.run(mini)
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    assert (loras_dir() / f"{name}.safetensors").is_file() and not ckpt.exists()
+    results["timings"]["cancel_then_resume"] = round(secs, 2)

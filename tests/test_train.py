@@ -234,3 +234,26 @@ def test_synonyms_the_tokenizer_cannot_find_are_dropped_not_fatal(world, caplog)
     assert er.concept.synonyms == ("crimson",) and er.concept.irrelevant == ("blue",)
     assert "blood-red" in caplog.text
     er.train()
+
+
+def test_resume_may_change_the_step_count_but_nothing_else(world, tmp_path):
+    ckpt = tmp_path / "ck.pt"
+    Eraser(world, sandbox_concept_set("red"), EraseConfig(**SMALL)).train(checkpoint_path=ckpt, should_stop=lambda: True)
+    longer = Eraser(world, sandbox_concept_set("red"), EraseConfig(**{**SMALL, "steps": 3}))
+    assert longer.load_checkpoint(ckpt) == 0
+    with pytest.raises(ValueError, match=r"differs in \['lr'\].*only steps, preview_every may change"):
+        Eraser(world, sandbox_concept_set("red"), EraseConfig(**{**SMALL, "lr": 0.5})).load_checkpoint(ckpt)
+
+
+def test_a_progress_hook_that_raises_still_leaves_a_resumable_checkpoint(world, tmp_path):
+    """ComfyUI cancels by raising from its progress hook: the finished steps are checkpointed before it propagates."""
+    ckpt = tmp_path / "ck.pt"
+
+    def cancel(entry):
+        if entry.step == 1:
+            raise KeyboardInterrupt
+
+    er = Eraser(world, sandbox_concept_set("red"), EraseConfig(**{**SMALL, "steps": 4}))
+    with pytest.raises(KeyboardInterrupt):
+        er.train(progress=cancel, checkpoint_path=ckpt)
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
