@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -202,17 +201,12 @@ if __name__ != "__main__":
         pytest.skip(f"{ENV} is not set: point it to a ComfyUI checkout and run with ComfyUI's venv python",
                     allow_module_level=True)
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_comfy_sandbox import child_measurements
+
     @pytest.fixture(scope="module")
     def measured(tmp_path_factory) -> dict:
-        out = tmp_path_factory.mktemp("comfy_backend") / "measured.json"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, __file__, COMFY_DIR, str(out)], capture_output=True, text=True,
-                              env=env, timeout=900)
-        if proc.returncode == SKIP_EXIT:
-            pytest.skip(proc.stderr.strip().splitlines()[-1])
-        if proc.returncode != 0:
-            pytest.fail(f"ComfyUI child process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+        return child_measurements(__file__, COMFY_DIR, tmp_path_factory.mktemp("comfy_backend") / "measured.json")
 
     def test_attention_maps_match_diffusers(measured):
         assert measured["map_scale"] > 0.01 and all(measured["tokens_equal"])

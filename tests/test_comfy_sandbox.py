@@ -226,17 +226,20 @@ if __name__ != "__main__":
     if not (Path(COMFY_DIR) / "comfy" / "sd.py").exists():
         pytest.skip(f"{ENV}={COMFY_DIR} is not a ComfyUI checkout (no comfy/sd.py)", allow_module_level=True)
 
-    @pytest.fixture(scope="module")
-    def measured(tmp_path_factory) -> dict:
-        out = tmp_path_factory.mktemp("comfy_sandbox") / "measured.json"
+    def child_measurements(script: str, comfy_dir: str, out: Path) -> dict:
+        """Run ``script`` as the ComfyUI child process (``script COMFY_DIR OUT``) and read the JSON it writes."""
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, __file__, COMFY_DIR, str(out)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, script, comfy_dir, str(out)], capture_output=True, text=True,
                               env=env, timeout=900)
         if proc.returncode == SKIP_EXIT:
             pytest.skip(proc.stderr.strip().splitlines()[-1])
         if proc.returncode != 0:
             pytest.fail(f"ComfyUI child process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
+
+    @pytest.fixture(scope="module")
+    def measured(tmp_path_factory) -> dict:
+        return child_measurements(__file__, COMFY_DIR, tmp_path_factory.mktemp("comfy_sandbox") / "measured.json")
 
     def test_native_flux_velocity_matches_diffusers(measured):
         v = measured["velocity"]

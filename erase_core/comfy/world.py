@@ -12,7 +12,7 @@ import torch
 
 from ..flux.backend import TextCond
 from ..flux.comfy import ComfyFlux
-from ..flux.flow import euler, shifted_sigmas
+from ..flux.flow import euler, guided_velocity, shifted_sigmas
 from ..flux.packing import pack_latents, unpack_latents
 
 log = logging.getLogger("erase_flux.comfy")
@@ -123,17 +123,7 @@ class ComfyWorld:
         uncond = self.encode([""] * len(cond)) if cfg_scale != 1.0 else None
         sigmas = shifted_sigmas(steps, shift) if shift else self.sigmas(steps, transformer)
 
-        def velocity(x, t):
-            v_c = backend.velocity(x, t, cond)
-            if uncond is None:
-                return v_c
-            if patch is not None:
-                patch.active = False
-            v_u = backend.velocity(x, t, uncond)
-            if patch is not None:
-                patch.active = True
-            return v_u + cfg_scale * (v_c - v_u)
-
+        velocity = guided_velocity(backend.velocity, cond, uncond, cfg_scale, patch)
         return euler(velocity, self.noise(len(cond), seed), sigmas, callback)
 
     def decode(self, packed: torch.Tensor) -> torch.Tensor:

@@ -49,3 +49,21 @@ def euler(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor,
         if callback is not None:
             callback(i, x)
     return x
+
+
+def guided_velocity(velocity: Callable, cond, uncond, scale: float, patch=None) -> Velocity:
+    """v(x, t) with classifier-free guidance ``v_u + scale · (v_c − v_u)`` (just ``v_c`` when ``uncond`` is None);
+    ``patch`` (an attention patch) is switched off during the unconditional pass so it only records the prompt's."""
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v_c = velocity(x, t, cond)
+        if uncond is None:
+            return v_c
+        if patch is not None:
+            patch.active = False
+        v_u = velocity(x, t, uncond)
+        if patch is not None:
+            patch.active = True
+        return v_u + scale * (v_c - v_u)
+
+    return guided

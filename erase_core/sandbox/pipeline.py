@@ -11,7 +11,7 @@ from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from ..flux.backend import DiffusersFlux, TextCond
-from ..flux.flow import euler, shifted_sigmas
+from ..flux.flow import euler, guided_velocity, shifted_sigmas
 from ..flux.packing import pack_latents, unpack_latents
 from ..tokens import word_token_indices
 from .models import AutoEncoder, Classifier, SandboxConfig, TextEncoder
@@ -94,17 +94,7 @@ class SandboxWorld:
         cond = text if text is not None else self.encode(prompts)
         uncond = self.encode([""] * len(cond)) if cfg_scale != 1.0 else None
 
-        def velocity(x, t):
-            v_c = backend.velocity(x, t, cond)
-            if uncond is None:
-                return v_c
-            if patch is not None:
-                patch.active = False
-            v_u = backend.velocity(x, t, uncond)
-            if patch is not None:
-                patch.active = True
-            return v_u + cfg_scale * (v_c - v_u)
-
+        velocity = guided_velocity(backend.velocity, cond, uncond, cfg_scale, patch)
         return euler(velocity, self.noise(len(cond), seed), shifted_sigmas(steps, shift), callback)
 
     def sample(self, prompts: list[str], seed: int = 0, **kw) -> torch.Tensor:
