@@ -107,3 +107,20 @@ def closed_form_erase(world, cs: ConceptSet, cfg: ClosedFormConfig = ClosedFormC
         out[n] = truncate_energy(edit, cfg.energy, cfg.max_rank)
     return LoraFile(out, {"concept": cs.word, "method": "uce" if neighbours is None else "closed_form+neighbours",
                           "closed_form": {**vars(cfg)}, "anchor": cs.anchor})
+
+
+@torch.no_grad()
+def word_module_inputs(world, word: str, prompts: list[str], modules: list[str], times=(0.3, 0.6, 0.9),
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per module (diffusers name), the rows it sees at ``word``'s tokens over base-model samples of ``prompts``
+    noised to ``times``: the inputs of closed-form edits and merges, on any world."""
+    from .flux.collect import collect_token_inputs
+
+    text = world.encode(prompts)
+    rows = [world.token_indices(p, word) for p in prompts]
+    x0 = world.sample_latents(prompts, seed=seed, steps=8, text=text)
+    states = []
+    for i, t in enumerate(times):
+        tt = torch.full((len(prompts),), float(t))
+        states.append((noised(x0, world.noise(len(prompts), seed + 7919 * (i + 1)), tt), tt))
+    return collect_token_inputs(world.backend(), modules, text, rows, states)

@@ -35,9 +35,12 @@ def check_name(name: str, field: str = "lora_name") -> str:
     return stem
 
 
-def latent_hw(width: int, height: int, vae=None) -> tuple[int, int]:
-    """Latent size of a width×height image: the VAE's downscale ratio (Flux's ae: 8; the sandbox VAE: 4)."""
-    ratio = getattr(vae, "downscale_ratio", 8) if vae is not None else 8
+def latent_hw(width: int, height: int, vae=None, model=None) -> tuple[int, int]:
+    """Latent size of a width×height image: the VAE's downscale ratio, else the MODEL's latent format's (Flux's ae:
+    8; the sandbox: 4), else 8."""
+    ratio = getattr(vae, "downscale_ratio", None)
+    if not isinstance(ratio, int) and model is not None:
+        ratio = getattr(getattr(model.model, "latent_format", None), "spacial_downscale_ratio", None)
     ratio = ratio if isinstance(ratio, int) and ratio > 0 else 8
     h, w = height // ratio, width // ratio
     if h < 2 or w < 2 or h % 2 or w % 2:

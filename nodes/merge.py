@@ -9,11 +9,13 @@ from erase_core.lora_file import read_lora_file, write_lora_file
 from erase_core.merge import MergeConfig, interference, interference_summary, merge
 from erase_core.render import matrix_image
 
-from .common import CATEGORY, check_name, lora_choices, lora_path, loras_dir, pil_to_image
+from erase_core.comfy.jobs import split_list
+
+from .common import CATEGORY, check_name, latent_hw, lora_choices, lora_path, loras_dir, pil_to_image
 
 log = logging.getLogger("erase_flux.nodes")
 SLOTS = 4
-NODE_MODES = ["normalized", "sum", "concat"]
+NODE_MODES = ["normalized", "sum", "concat", "closed_form"]
 NONE = "none"
 
 
@@ -31,11 +33,25 @@ class MergeLoras(io.ComfyNode):
             io.Combo.Input("mode", options=NODE_MODES, default="concat",
                            tooltip="concat: stack the LoRAs' factors (exact sum of their edits, rank adds up); "
                                    "sum: the same sum refactored to the largest input rank by SVD; normalized: "
-                                   "weights divided by their sum (each edit diluted, the classic merge)."),
+                                   "weights divided by their sum (each edit diluted, the classic merge); closed_form: "
+                                   "one least-squares edit that reproduces every LoRA on its own concept's inputs "
+                                   "and keeps the preserved words' (needs model and clip)."),
             io.Int.Input("rank", default=0, min=0, max=1024, tooltip="Refactor the result to this rank (0 = the "
                          "mode's default)."),
             io.String.Input("name", default="merged_erase", tooltip="File name of the merged LoRA under "
                             "models/loras/erase_flux/."),
+            io.String.Input("preserve", default="", optional=True, tooltip="closed_form: words whose behaviour "
+                            "must not change, comma-separated (e.g. the erased concepts' neighbours)."),
+            io.Float.Input("preserve_weight", default=1000.0, min=0.0, max=1e6, step=10.0, optional=True,
+                           tooltip="closed_form: λ, how hard the preserved words are kept (measured on the sandbox: "
+                                   "1000 kept other concepts at 94 % of base)."),
+            io.Int.Input("width", default=32, min=16, max=2048, step=16, optional=True, tooltip="closed_form: image "
+                         "width of the "
+                         "base-model samples its inputs are read from."),
+            io.Int.Input("height", default=32, min=16, max=2048, step=16, optional=True,
+                         tooltip="closed_form: image height."),
+            io.Model.Input("model", optional=True, tooltip="closed_form: the base MODEL the LoRAs were trained on."),
+            io.Clip.Input("clip", optional=True, tooltip="closed_form: its text encoder."),
             io.String.Input("lora_a", optional=True, force_input=True, tooltip="Optional: a LoRA name from another "
                             "node (e.g. Erase Concept's lora_name output), merged with weight 1."),
             io.String.Input("lora_b", optional=True, force_input=True, tooltip="Optional: a second LoRA name from "
@@ -62,15 +78,31 @@ class MergeLoras(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, mode, rank, name, lora_a=None, lora_b=None, **kw) -> io.NodeOutput:
+    def execute(cls, mode, rank, name, preserve="", preserve_weight=1000.0, width=32, height=32, model=None,
+                clip=None, lora_a=None, lora_b=None, **kw) -> io.NodeOutput:
         picks = [(kw[f"lora_{i}"], kw[f"weight_{i}"]) for i in range(1, SLOTS + 1) if kw[f"lora_{i}"] != NONE]
         picks += [(n, 1.0) for n in (lora_a, lora_b) if n]
         if len(picks) < 2:
             raise ValueError("choose at least two LoRAs to merge (lora_1 … lora_4, or linked lora_a / lora_b)")
         loras = [read_lora_file(lora_path(n)) for n, _ in picks]
         names = [n for n, _ in picks]
-        merged = merge(loras, MergeConfig(mode=mode, weights=tuple(w for _, w in picks), rank=rank or None),
-                       names=names)
+        config = MergeConfig(mode=mode, weights=tuple(w for _, w in picks), rank=rank or None,
+                             preserve_weight=preserve_weight)
+        inputs: dict = {}
+        if mode == "closed_form":
+            if model is None or clip is None:
+                raise ValueError("mode closed_form needs the model and clip inputs connected (the base model the "
+                                 "LoRAs were trained on); or choose concat / sum / normalized")
+            import torch
+
+            from erase_core.comfy.jobs import closed_form_merge_inputs
+            from erase_core.comfy.world import ComfyWorld
+
+            with torch.inference_mode(False):
+                world = ComfyWorld(model, clip, latent_hw(width, height, model=model), cfg_scale=1.0)
+                inputs["concept_inputs"], inputs["preserve_inputs"] = closed_form_merge_inputs(
+                    world, loras, split_list(preserve))
+        merged = merge(loras, config, names=names, **inputs)
         out = loras_dir() / f"{check_name(name, 'name')}.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_lora_file(merged, out, overwrite=True)

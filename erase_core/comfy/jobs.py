@@ -88,7 +88,7 @@ def concept_set(word: str, prompts: list[str], synonyms: str = "auto", irrelevan
     word = word.strip()
     if not word:
         raise ValueError("concept is empty: type the word to erase, e.g. 'red'")
-    prompts = prompts or [f"a photo of {word}", f"{word}", f"an image of {word}"]
+    prompts = prompts or default_prompts(word)
     syn = None if synonyms.strip().lower() == "auto" else split_list(synonyms)
     irr = None if irrelevant.strip().lower() == "auto" else split_list(irrelevant)
     return build_concept_set(word, prompts, syn, irr, preserve or [], candidates=list(CANDIDATES), seed=seed)
@@ -137,6 +137,32 @@ def erase(world: ComfyWorld, concept: ConceptSet, config: EraseConfig,
             "trained_in": "comfyui", "geometry": comfy_geometry(world.transformer),
             "fingerprint": fingerprint(dm.img_in.weight, dm.txt_in.weight)}
     return EraseJob(concept, config, result, LoraFile(modules, meta))
+
+
+def default_prompts(word: str) -> list[str]:
+    """The prompts used when none are given: the word alone and in two plain sentences."""
+    return [f"a photo of {word}", f"{word}", f"an image of {word}"]
+
+
+def closed_form_merge_inputs(world: ComfyWorld, loras: list[LoraFile], preserve: list[str]):
+    """The closed-form merge's inputs on ComfyUI's MODEL: each LoRA's concept (from its metadata) and the words to
+    preserve, as the rows every target module sees at those words' tokens."""
+    from ..kv_edit import word_module_inputs
+
+    names = []
+    for i, lf in enumerate(loras):
+        c = lf.meta.get("concept")
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"LoRA #{i + 1} has no single concept in its metadata; the closed_form merge needs to "
+                             "know what each LoRA erases (use LoRAs saved by Erase Concept, or another mode)")
+        names.append(c.strip())
+    modules = sorted(loras[0].modules)
+    concept_inputs = [word_module_inputs(world, w, default_prompts(w), modules) for w in names]
+    preserve_inputs = None
+    if preserve:
+        per = [word_module_inputs(world, w, default_prompts(w), modules) for w in preserve]
+        preserve_inputs = {m: torch.cat([p[m] for p in per]) for m in modules}
+    return concept_inputs, preserve_inputs
 
 
 def loss_curve(history: list[StepLog]) -> Image.Image:

@@ -50,7 +50,7 @@ def collect_token_inputs(backend, names: list[str], text: TextCond, rows: list[l
     if len(rows) != len(text):
         raise ValueError(f"rows: {len(rows)} token lists for {len(text)} prompts")
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    with record_inputs(backend.model, names) as store:
+    with record_module_inputs({n: backend.linear(n)[0] for n in names}) as store:
         for x, t in states:
             backend.velocity(x, t, text)
     for name, calls in store.items():

@@ -48,17 +48,6 @@ def module_inputs(world, name: str, modules: list[str], n_prompts: int = 8, time
                   seed: int = 0):
     """Per module, the rows it sees at the concept word's tokens over base-model samples of the concept's
     prompts noised to ``times`` (the inputs of closed-form edits and merges)."""
-    import torch
+    from ..kv_edit import word_module_inputs
 
-    from ..flux.collect import collect_token_inputs
-    from ..flux.flow import noised
-
-    prompts = concept_prompts(name, n=n_prompts, seed=seed)
-    text = world.encode(prompts)
-    rows = [world.token_indices(p, name) for p in prompts]
-    x0 = world.sample_latents(prompts, seed=seed, steps=8, text=text)
-    states = []
-    for i, t in enumerate(times):
-        tt = torch.full((len(prompts),), float(t))
-        states.append((noised(x0, world.noise(len(prompts), seed + 7919 * (i + 1)), tt), tt))
-    return collect_token_inputs(world.backend(), modules, text, rows, states)
+    return word_module_inputs(world, name, concept_prompts(name, n=n_prompts, seed=seed), modules, times, seed)
