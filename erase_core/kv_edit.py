@@ -24,6 +24,16 @@ def _anchor_rows(world, prompt: str, anchor: str) -> list[int]:
     return [world.end_index(prompt)]
 
 
+def noised_states(world, x0: torch.Tensor, times, seed: int,
+                  stride: int = 7919) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(x_t, t) pairs: ``x0`` noised to each time in ``times``, noise seed ``seed + stride · (i + 1)`` for the i-th."""
+    states = []
+    for i, t in enumerate(times):
+        tt = torch.full((len(x0),), float(t))
+        states.append((noised(x0, world.noise(len(x0), seed + stride * (i + 1)), tt), tt))
+    return states
+
+
 @torch.no_grad()
 def _rows(world, names: list[str], text: TextCond, rows: list[list[int]], states) -> dict[str, list[torch.Tensor]]:
     """Per module, per state, per prompt: the module's input rows at ``rows[prompt]``."""
@@ -54,11 +64,7 @@ def closed_form_erase(world, cs: ConceptSet, cfg: ClosedFormConfig = ClosedFormC
     text_c, text_a = world.encode(prompts), world.encode(anchors)
     idx_c = [world.token_indices(p, cs.word) for p in prompts]
     idx_a = [_anchor_rows(world, a, cs.anchor) for a in anchors]
-    x0 = world.sample_latents(prompts, seed=seed, steps=8, text=text_c)
-    states = []
-    for i, t in enumerate(cfg.times):
-        tt = torch.full((len(prompts),), float(t))
-        states.append((noised(x0, world.noise(len(prompts), seed + 7919 * (i + 1)), tt), tt))
+    states = noised_states(world, world.sample_latents(prompts, seed=seed, steps=8, text=text_c), cfg.times, seed)
     rc = _rows(world, names, text_c, idx_c, states)
     ra = _rows(world, names, text_a, idx_a, states)
     e = {n: [] for n in names}
@@ -91,9 +97,7 @@ def closed_form_erase(world, cs: ConceptSet, cfg: ClosedFormConfig = ClosedFormC
         text_p = world.encode(pp)
         real = world.content_rows(pp)
         xp = world.sample_latents(pp, seed=seed + 1, steps=8, text=text_p)
-        st = [(noised(xp, world.noise(len(pp), seed + 31 * (i + 1)), torch.full((len(pp),), float(t))),
-               torch.full((len(pp),), float(t))) for i, t in enumerate(cfg.times)]
-        rp = _rows(world, names, text_p, real, st)
+        rp = _rows(world, names, text_p, real, noised_states(world, xp, cfg.times, seed, stride=31))
         for n in names:
             for per_state in rp[n]:
                 keep[n] += per_state
@@ -118,9 +122,5 @@ def word_module_inputs(world, word: str, prompts: list[str], modules: list[str],
 
     text = world.encode(prompts)
     rows = [world.token_indices(p, word) for p in prompts]
-    x0 = world.sample_latents(prompts, seed=seed, steps=8, text=text)
-    states = []
-    for i, t in enumerate(times):
-        tt = torch.full((len(prompts),), float(t))
-        states.append((noised(x0, world.noise(len(prompts), seed + 7919 * (i + 1)), tt), tt))
+    states = noised_states(world, world.sample_latents(prompts, seed=seed, steps=8, text=text), times, seed)
     return collect_token_inputs(world.backend(), modules, text, rows, states)
