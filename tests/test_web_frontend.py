@@ -200,9 +200,10 @@ def test_pure_helpers(report):
 
 def test_workflow_round_trip(report):
     rt = report["roundtrip"]
-    # Our panels are not serialised: the saved values are exactly the nodes' own widgets.
+    # Our panels are not serialised: the saved values are exactly the nodes' own widgets (the last four are the
+    # closed_form mode's optional preserve, preserve_weight, width, height at their defaults).
     assert rt["saved"]["EraseFlux_MergeLoras"] == ["a.safetensors", 1, "b.safetensors", 3, "none", 5, "none", 1,
-                                                   "normalized", 0, "merged_erase"]
+                                                   "normalized", 0, "merged_erase", "", 1000, 32, 32]
     assert rt["saved"]["EraseFlux_AttentionInspect"][:2] == ["a red circle, on a blue square (photo)", "blue square"]
     assert rt["panels"] == [1, 1] and rt["word"] == "blue square"
     assert [c["text"] for c in rt["chips"] if c["selected"]] == ["blue", "square"]
