@@ -41,7 +41,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from web_check import CATCH_ERRORS, Page, launch_chromium  # noqa: E402
+from web_check import launch_chromium, open_comfy_page  # noqa: E402
 
 FIRST_PORT = 8195
 VIEW_W, VIEW_H = 1400, 900
@@ -214,20 +214,9 @@ async def run_all(args, url: str, dev_port: int, tmp: Path, loras_dir: Path, cre
     copies: dict[str, Path] = {}
     synonyms = dict(x.split("=", 1) for x in args.synonyms)
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{dev_port}/json/list") as r:
-            target = next(t for t in await r.json() if t.get("type") == "page")
-        async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            page = Page(ws)
-            await page.send("Emulation.setDeviceMetricsOverride", width=VIEW_W, height=VIEW_H, deviceScaleFactor=1,
-                            mobile=False)
-            await page.send("Page.enable")
-            await page.send("Page.addScriptToEvaluateOnNewDocument", source=CATCH_ERRORS)
-            t0 = time.monotonic()
-            await page.send("Page.navigate", url=url)
-            await page.wait_for("!!((window.app ?? window.comfyAPI?.app?.app)?.graph && window.LiteGraph"
-                                " && LiteGraph.registered_node_types['EraseFlux_EraseConcept'])", 240, "the ComfyUI app")
-            await asyncio.sleep(1.5)
-            report["ui_load_s"] = round(time.monotonic() - t0, 1)
+        async with open_comfy_page(http, dev_port, url, "EraseFlux_EraseConcept", 240, settle=1.5,
+                                   width=VIEW_W, height=VIEW_H) as (page, load_s):
+            report["ui_load_s"] = load_s
             await page.js("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'})); true")
             await page.js("(window.app ?? window.comfyAPI.app.app).extensionManager.command"
                           ".execute('Workspace.ToggleFocusMode').then(() => true)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import base64
 import itertools
 import json
@@ -185,26 +186,35 @@ def launch_chromium(binary: str, profile: str) -> tuple[subprocess.Popen, int]:
     raise TimeoutError("chromium did not open its DevTools port within 60 s")
 
 
+@contextlib.asynccontextmanager
+async def open_comfy_page(http, dev_port: int, url: str, node_type: str, timeout: float, settle: float = 1.0,
+                          width: int = VIEW_W, height: int = VIEW_H):
+    """The first page of the Chromium at ``dev_port`` sized ``width``×``height``, browser errors caught, ComfyUI at
+    ``url`` loaded until ``node_type`` is registered (then ``settle`` seconds more); yields (page, seconds it took)."""
+    async with http.get(f"http://127.0.0.1:{dev_port}/json/list") as r:
+        target = next(t for t in await r.json() if t.get("type") == "page")
+    async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+        page = Page(ws)
+        await page.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                        mobile=False)
+        await page.send("Page.enable")
+        await page.send("Page.addScriptToEvaluateOnNewDocument", source=CATCH_ERRORS)
+        t0 = time.monotonic()
+        await page.send("Page.navigate", url=url)
+        await page.wait_for("!!((window.app ?? window.comfyAPI?.app?.app)?.graph && window.LiteGraph"
+                            f" && LiteGraph.registered_node_types['{node_type}'])", timeout, "the ComfyUI app")
+        await asyncio.sleep(settle)
+        yield page, round(time.monotonic() - t0, 1)
+
+
 async def scenario(url: str, dev_port: int, screenshot: str | None) -> dict:
     out: dict = {}
     async with aiohttp.ClientSession() as http:
         async with http.get(url + EXT_URL) as r:
             body = await r.text()
             out["served"] = {"status": r.status, "has_register": "registerExtension" in body}
-        async with http.get(f"http://127.0.0.1:{dev_port}/json/list") as r:
-            targets = [t for t in await r.json() if t.get("type") == "page"]
-        async with http.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            page = Page(ws)
-            await page.send("Emulation.setDeviceMetricsOverride", width=VIEW_W, height=VIEW_H, deviceScaleFactor=1,
-                            mobile=False)
-            await page.send("Page.enable")
-            await page.send("Page.addScriptToEvaluateOnNewDocument", source=CATCH_ERRORS)
-            t0 = time.monotonic()
-            await page.send("Page.navigate", url=url)
-            await page.wait_for("!!((window.app ?? window.comfyAPI?.app?.app)?.graph && window.LiteGraph"
-                                " && LiteGraph.registered_node_types['EraseFlux_MergeLoras'])", 180, "the ComfyUI app")
-            await asyncio.sleep(1.0)
-            out["load_s"] = round(time.monotonic() - t0, 1)
+        async with open_comfy_page(http, dev_port, url, "EraseFlux_MergeLoras", 180, settle=1.0) as (page, load_s):
+            out["load_s"] = load_s
             await page.js(HELPERS)
             out["extension_registered"] = await page.js(
                 "[...document.querySelectorAll('script')].length >= 0 && "
