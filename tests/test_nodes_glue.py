@@ -136,3 +136,32 @@ def test_attn1_patch_captures_and_suppresses_like_the_diffusers_patch():
     assert out["attn_mask"].shape == (b, 1, n_txt + n_img, n_txt + n_img)
     assert math.isinf(out["attn_mask"][0, 0, n_txt, 1].item())  # image query → the word's column is deleted
     assert attn1_patch([sup])(q, k, q, attn_mask=None, extra_options={**extra, "block_type": "single"}) == {}
+
+
+def test_comfy_world_caches_recent_prompt_encodings_within_a_bound():
+    """The trainer re-encodes its fixed prompts every step: they are cached, but only the most recent
+    CACHE_PROMPTS (a Flux T5 encoding is megabytes; shuffled prompts rarely repeat)."""
+    from types import SimpleNamespace
+
+    from erase_core.comfy.world import CACHE_PROMPTS, ComfyWorld
+
+    calls = []
+
+    class Clip:
+        def tokenize(self, prompt):
+            return prompt
+
+        def encode_from_tokens(self, tokens, return_pooled=True):
+            calls.append(tokens)
+            return torch.zeros(1, 4, 8), torch.zeros(1, 3)
+
+    dm = SimpleNamespace(img_in=nn.Linear(64, 8))
+    world = ComfyWorld(SimpleNamespace(model=SimpleNamespace(diffusion_model=dm)), Clip(), (8, 8))
+    world.encode(["fixed"])
+    for i in range(CACHE_PROMPTS - 1):
+        world.encode([f"p{i}", "fixed"])
+    assert calls.count("fixed") == 1  # kept while in use
+    for i in range(CACHE_PROMPTS):
+        world.encode([f"q{i}"])
+    world.encode(["fixed"])
+    assert calls.count("fixed") == 2 and len(world._cache) == CACHE_PROMPTS  # evicted once unused, bounded

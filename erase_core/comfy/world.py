@@ -6,6 +6,7 @@ ComfyUI is only touched through the objects handed in; nothing here imports it a
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from ..flux.flow import euler, guided_velocity, shifted_sigmas
 from ..flux.packing import pack_latents, unpack_latents
 
 log = logging.getLogger("erase_flux.comfy")
+CACHE_PROMPTS = 64
 
 
 class ComfyWorld:
@@ -40,17 +42,23 @@ class ComfyWorld:
         self.transformer, self.clip, self.vae = model, clip, vae
         self.latent_hw = (h, w)
         self.guidance, self.cfg_scale, self.sample_steps = guidance, cfg_scale, sample_steps
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # recent prompts' encodings (the trainer re-encodes its fixed prompts every step; shuffled ones rarely repeat,
+        # and one Flux T5 encoding is ~4 MB, so the cache is bounded)
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         dm = model.model.diffusion_model
         self.latent_channels = dm.img_in.weight.shape[1] // 4
 
     # --- text -------------------------------------------------------------------------------------------------
     def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if prompt not in self._cache:
-            tokens = self.clip.tokenize(prompt)
-            cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-            # CLIPTextEncode runs under inference mode; clone into normal tensors so autograd may use them
-            self._cache[prompt] = (cond[0].detach().clone().float().cpu(), pooled[0].detach().clone().float().cpu())
+        if prompt in self._cache:
+            self._cache.move_to_end(prompt)
+            return self._cache[prompt]
+        tokens = self.clip.tokenize(prompt)
+        cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+        # CLIPTextEncode runs under inference mode; clone into normal tensors so autograd may use them
+        self._cache[prompt] = (cond[0].detach().clone().float().cpu(), pooled[0].detach().clone().float().cpu())
+        if len(self._cache) > CACHE_PROMPTS:
+            self._cache.popitem(last=False)
         return self._cache[prompt]
 
     def encode(self, prompts: list[str]) -> TextCond:
