@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--concepts", default=None, help="comma-separated concepts (default: all 24)")
     c.add_argument("--out", type=Path, default=None, help="write the table as FILE.md and FILE.json")
     c.add_argument("--seed", type=int, default=1000, help="first sampling seed")
+    c.add_argument("--steps", type=_positive_int, default=12, help="Euler steps of the sampler (the bar uses 12)")
+    c.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (the bar uses 3)")
     g = sbs.add_parser("generate", help="generate a grid of images from prompts")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several rows)")
     g.add_argument("--n", type=_positive_int, default=8, help="images per prompt")
@@ -188,7 +190,8 @@ def _cmd_sandbox(args) -> int:
 
         concepts = [lookup(c).name for c in concepts] if concepts else None
         acc = classifier_check(world)
-        results = quality_table(world, samples=args.samples, seed=args.seed, concepts=concepts)
+        results = quality_table(world, samples=args.samples, seed=args.seed, concepts=concepts, steps=args.steps,
+                                cfg_scale=args.cfg)
         md = quality_markdown(results)
         md = f"Classifier held-out clean accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()) + "\n\n" + md
         print(md)
@@ -197,7 +200,7 @@ def _cmd_sandbox(args) -> int:
 
             atomic_write_text(args.out.with_suffix(".md"), md + "\n")
             atomic_write_text(args.out.with_suffix(".json"), json.dumps(
-                {"classifier_accuracy": acc, "samples": args.samples,
+                {"classifier_accuracy": acc, "samples": args.samples, "euler_steps": args.steps, "cfg": args.cfg,
                  "results": [{"concept": r.probe.concept, "kind": r.probe.kind, "prompt": r.probe.prompt,
                               "found": r.found} for r in results]}, indent=2))
         return 0 if all(r.found >= 0.9 for r in results) else 1

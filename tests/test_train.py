@@ -10,7 +10,7 @@ from erase_core.evaluate import found_rate
 from erase_core.lora import apply_lora, read_lora, save_lora, teacher_mode
 from erase_core.sandbox.erase_sets import sandbox_concept_set
 from erase_core.tokens import shuffle_words, tokenize_with_offsets
-from erase_core.train import EraseConfig, Eraser, NonFiniteLoss, erase
+from erase_core.train import EraseConfig, Eraser, NonFiniteLoss, erase, scheduled_lr
 
 SMALL = dict(steps=2, batch=4, base_samples=4, preserve_images=1)
 
@@ -24,6 +24,18 @@ def test_config_validates_itself():
         EraseConfig(rank=0)
     with pytest.raises(ValueError, match="lambda_attn=-1"):
         EraseConfig(lambda_attn=-1)
+
+
+def test_learning_rate_schedules():
+    cos = EraseConfig(lr=0.02, steps=10, lr_schedule="cosine")
+    assert [round(scheduled_lr(cos, s), 6) for s in (0, 5)] == [0.02, 0.01]
+    assert all(scheduled_lr(cos, s) > scheduled_lr(cos, s + 1) > 0 for s in range(9))
+    const = EraseConfig(lr=0.02, steps=10, lr_schedule="constant")
+    assert {scheduled_lr(const, s) for s in range(10)} == {0.02}
+    warm = EraseConfig(lr=0.02, steps=10, warmup_steps=4)
+    assert [scheduled_lr(warm, s) for s in range(5)] == pytest.approx([0.005, 0.01, 0.015, 0.02, 0.02])
+    with pytest.raises(ValueError, match="lr_schedule='linear'"):
+        EraseConfig(lr_schedule="linear")
 
 
 def test_esd_negative_and_preserve_target_options(world):
@@ -126,6 +138,7 @@ def test_progress_carries_losses_and_previews(world):
     logs = []
     erase(world, sandbox_concept_set("red"), EraseConfig(**{**SMALL, "steps": 3}, preview_every=2), progress=logs.append)
     assert [entry.step for entry in logs] == [0, 1, 2]
+    assert [entry.lr for entry in logs] == [scheduled_lr(EraseConfig(steps=3), s) for s in range(3)]
     assert {"esd", "attn", "preserve", "rsc"} <= set(logs[0].losses)
     assert logs[0].preview is None and logs[1].preview.shape == (3, 32, 32) and logs[2].preview is not None
     with pytest.raises(ValueError, match="preview_every=-1"):
