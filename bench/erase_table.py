@@ -136,7 +136,7 @@ def main():
         rows.append(row(name, "attention suppression", sup, base, 0.0))
         models = {}
         steps = {"steps": args.steps} if args.steps else {}
-        for method in args.methods.split(","):
+        for method in [m for m in args.methods.split(",") if m]:  # --methods '' runs the ablation only
             t = time.time()
             model = train_method(world, cs, method, steps)
             seconds = time.time() - t  # training only; the evaluation is not part of an erase's cost
