@@ -156,6 +156,8 @@ def main():
                 seconds = time.time() - t
                 m = evaluate_erasure(world, name, transformer=res.model, samples=args.samples, others=others)
                 ablation_rows.append(row(name, label, m, base, seconds))
+                atomic_write_text(args.out / "table.json", json.dumps({"rows": rows, "ablation": ablation_rows},
+                                                                      indent=2))  # readable midway
         atomic_write_text(args.out / "table.json", json.dumps({"rows": rows, "ablation": ablation_rows}, indent=2))
     md = markdown(rows, f"Erasure on the sandbox ({args.samples} samples per prompt, "
                         f"{args.steps or EraseConfig().steps} steps, {torch.get_num_threads()} threads)")
