@@ -1,4 +1,5 @@
 """Pictures and the command line."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,22 @@ def test_inspect_writes_grid_mask_and_json(tmp_path, world):
 
     assert Image.open(tmp_path / "inspect.png").width > 100
     assert Image.open(tmp_path / "mask.png").size == (128, 128)
+
+
+def test_sandbox_check_takes_the_sampler_settings(tmp_path, capsys, monkeypatch):
+    """`sandbox check --steps/--cfg` reach the sampler and are recorded with the table."""
+    from erase_core.sandbox.pipeline import SandboxWorld
+
+    seen = []
+    original = SandboxWorld.sample
+
+    def spy(self, prompts, seed=0, **kw):
+        seen.append((kw.get("steps"), kw.get("cfg_scale")))
+        return original(self, prompts, seed, **kw)
+
+    monkeypatch.setattr(SandboxWorld, "sample", spy)
+    out = tmp_path / "q"
+    main(["sandbox", "check", "--concepts", "north", "--samples", "2", "--steps", "3", "--cfg", "1.5", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert (report["euler_steps"], report["cfg"]) == (3, 1.5)
+    assert seen and set(seen) == {(3, 1.5)}
