@@ -127,6 +127,9 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     world = SandboxWorld.load()
     rows, ablation_rows = [], []
+
+    def save() -> None:
+        atomic_write_text(args.out / "table.json", json.dumps({"rows": rows, "ablation": ablation_rows}, indent=2))
     for name in args.concepts.split(","):
         cs = sandbox_concept_set(name)
         others = others_of(name)
@@ -156,9 +159,8 @@ def main():
                 seconds = time.time() - t
                 m = evaluate_erasure(world, name, transformer=res.model, samples=args.samples, others=others)
                 ablation_rows.append(row(name, label, m, base, seconds))
-                atomic_write_text(args.out / "table.json", json.dumps({"rows": rows, "ablation": ablation_rows},
-                                                                      indent=2))  # readable midway
-        atomic_write_text(args.out / "table.json", json.dumps({"rows": rows, "ablation": ablation_rows}, indent=2))
+                save()  # readable midway
+        save()
     md = markdown(rows, f"Erasure on the sandbox ({args.samples} samples per prompt, "
                         f"{args.steps or EraseConfig().steps} steps, {torch.get_num_threads()} threads)")
     if ablation_rows:

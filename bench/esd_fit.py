@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from erase_core.flux.flow import noised  # noqa: E402
+from erase_core.losses import esd_target  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
 from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
     cond, neg = world.encode([prompt] * 16), world.encode([negative] * 16)
     with torch.no_grad():
         v_c, v_n = world.backend().velocity(x_t, t, cond), world.backend().velocity(x_t, t, neg)
-    target = v_n - cfg.eta * (v_c - v_n)
+    target = esd_target(v_n, v_c, cfg.eta)
     res = erase(world, sandbox_concept_set(c.name), cfg)
     with torch.no_grad():
         v_e = world.backend(res.model).velocity(x_t, t, cond)
