@@ -193,7 +193,7 @@ def _cmd_sandbox(args) -> int:
         results = quality_table(world, samples=args.samples, seed=args.seed, concepts=concepts, steps=args.steps,
                                 cfg_scale=args.cfg)
         md = quality_markdown(results)
-        md = f"Classifier held-out clean accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()) + "\n\n" + md
+        md = "Classifier held-out clean accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()) + "\n\n" + md
         print(md)
         if args.out:
             from .io import atomic_write_text

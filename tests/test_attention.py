@@ -62,6 +62,30 @@ def test_maps_match_hand_computed_softmax(flux, flux_inputs):
     torch.testing.assert_close(patch.result.mass(["double.1"]), expected.flatten(2).mean(-1).sum(-1))
 
 
+def test_maps_come_from_the_processors_own_projections_and_match_a_recompute(flux, flux_inputs, monkeypatch):
+    """Capture reads q/k from the processor's normed projections (no second projection); the recompute used for
+    processors that bypass the norms gives the same maps, in dual and single blocks."""
+    x, t, text = flux_inputs
+    blocks = ["double.1", "single.0"]
+    with torch.no_grad(), AttentionPatch(flux, [1, 4], blocks=blocks) as hooked:
+        DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
+    calls = []
+    real_qk = AttentionPatch._qk
+    monkeypatch.setattr(AttentionPatch, "_qk", staticmethod(lambda *a: calls.append(1) or real_qk(*a)))
+    with torch.no_grad(), AttentionPatch(flux, [1, 4], blocks=blocks):
+        DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
+    assert calls == []  # the hook path was taken
+    monkeypatch.setattr(AttentionPatch, "_rope", staticmethod(lambda *a: (_ for _ in ()).throw(KeyError("norm_q"))))
+    real_hook = torch.nn.Module.register_forward_hook
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook",  # a processor whose norms never report
+                        lambda self, fn, **kw: real_hook(self, lambda *a: None, **kw))
+    with torch.no_grad(), AttentionPatch(flux, [1, 4], blocks=blocks) as recomputed:
+        DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
+    assert len(calls) == 2  # one recompute per captured block
+    for key in hooked.result.maps:
+        torch.testing.assert_close(recomputed.result.maps[key], hooked.result.maps[key], atol=1e-6, rtol=1e-5)
+
+
 def test_per_row_token_lists(flux, flux_inputs):
     x, t, text = flux_inputs
     with torch.no_grad():
@@ -168,7 +192,7 @@ def test_deleting_columns_for_all_rows_differs_from_image_rows_only(flux, flux_i
     with torch.no_grad():
         with AttentionPatch(flux, [2, 3], capture=False, suppress=0.0, suppress_rows="image"):
             img_only = be.velocity(x, t, text)
-        with AttentionPatch(flux, [2, 3], capture=False, suppress=0.0, suppress_rows="all") as patch:
+        with AttentionPatch(flux, [2, 3], capture=False, suppress=0.0, suppress_rows="all"):
             every = be.velocity(x, t, text)
     assert (img_only - every).abs().max() > 1e-5
     with pytest.raises(ValueError, match="suppress_rows='text'"):

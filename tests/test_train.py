@@ -51,9 +51,11 @@ def test_esd_negative_and_preserve_target_options(world):
         seen = []
         orig = er._velocity
         er._velocity = lambda x, t, text, kind: seen.append((x, t, text)) or orig(x, t, text, kind)
-        state = er.gen.get_state(), er.rng.getstate()
         got = er.lower_step()["esd"]
-        (x, t, ref_text), (_, _, text) = seen[0], seen[1]
+        (x2, t2, both), (_, _, student_text) = seen[0], seen[1]  # the teacher's v_ref and v_c come in one forward
+        b = len(x2) // 2
+        x, t, ref_text, text = x2[:b], t2[:b], both.select(slice(0, b)), both.select(slice(b, None))
+        assert torch.equal(text.sequence, student_text.sequence) and torch.equal(x2[b:], x)
         with torch.no_grad():
             v_ref, v_c = world.backend().velocity(x, t, ref_text), world.backend().velocity(x, t, text)
         assert got == pytest.approx((1.5 ** 2) * torch.mean((v_c - v_ref) ** 2).item(), rel=1e-4)
@@ -65,6 +67,26 @@ def test_esd_negative_and_preserve_target_options(world):
     assert er.upper_step()["preserve"] == 0.0
     er = Eraser(world, cs, EraseConfig(**SMALL, preserve_target="flow", lambda_rsc=0.0))
     assert er.upper_step()["preserve"] > 0.01
+
+
+def test_lower_step_computes_the_upper_steps_teacher_targets_with_the_same_draws(world):
+    """The teacher has no LoRA, so the preserve targets of the next upper step join the lower step's teacher forward;
+    the upper step's data are the ones it would have drawn itself, and its targets are the frozen base's."""
+    cs = sandbox_concept_set("red")
+    er = Eraser(world, cs, EraseConfig(**SMALL))
+    er.lower_step()
+    x0, noise, prompts, x_t, t, text, v_base = er._preserve_batch
+    with torch.no_grad(), er.backend.teacher():
+        torch.testing.assert_close(v_base, er.backend.velocity(x_t, t, text), atol=1e-5, rtol=1e-4)
+    own = Eraser(world, cs, EraseConfig(**SMALL))
+    own._upper_pending = lambda: False  # the lower step leaves the upper step's draws to it
+    own.lower_step()
+    assert own._preserve_batch is None
+    x0b, noise_b, prompts_b, _, t_b, _, _ = own._draw_preserve()
+    assert prompts == prompts_b and torch.equal(x0, x0b) and torch.equal(noise, noise_b) and torch.equal(t, t_b)
+    forwards = dict(er.forwards)
+    er.upper_step()
+    assert er._preserve_batch is None and er.forwards["teacher"] == forwards["teacher"]  # no second teacher pass
 
 
 def test_concept_set_checks_prompts():

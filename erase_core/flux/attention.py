@@ -5,9 +5,9 @@ Flux's blocks attend over one joint sequence with the text tokens first. For an 
     P[i, j] = softmax_j'( q_i · k_j' / √d )[j],     j' over every text and image key,
 
 and the map of a token j is P[:, j] laid out on the latent grid, averaged over heads. :class:`AttentionPatch` wraps the
-attention processors of chosen blocks. Capture recomputes q and k from the block's own projections beside the
-untouched original processor, so the model output stays bit-identical. Suppression multiplies the chosen columns by
-``scale`` before renormalisation, as an additive log-mask (``scale = 0`` deletes them: the deterministic attention-map
+attention processors of chosen blocks. Capture takes q and k from the processor's own normed projections (forward
+hooks on its q/k norms) and leaves the original processor untouched, so the model output stays bit-identical.
+Suppression multiplies the chosen columns by ``scale`` before renormalisation, as an additive log-mask (``scale = 0`` deletes them: the deterministic attention-map
 erasure of EraseAnything Sec. 3), for every query by default (no token can pass the word on) or image queries only.
 """
 from __future__ import annotations
@@ -231,28 +231,40 @@ class PatchCore:
     def attend(self, name: str, batch: int, n_txt: int, n_img: int, device, dtype, mask, qk) -> torch.Tensor | None:
         """Per attention call: record the maps (``qk()`` gives post-norm, post-RoPE image queries (B, N_img, H, D)
         and keys (B, S, H, D), text first) and return the attention mask to use (suppression added to ``mask``)."""
-        if not self.active:
+        mask = self.mask_for(name, batch, n_txt, n_img, device, dtype, mask)
+        if self.records(name):
+            self.record(name, batch, n_txt, n_img, device, mask, qk)
+        return mask
+
+    def records(self, name: str) -> bool:
+        """Whether this call's maps are recorded."""
+        return self.active and self.capture and name in self.blocks
+
+    def mask_for(self, name: str, batch: int, n_txt: int, n_img: int, device, dtype, mask) -> torch.Tensor | None:
+        """The attention mask of this call: ``mask`` with the suppression of the chosen columns added."""
+        if not self.active or self.suppress is None or name not in self.suppress_blocks:
             return mask
         idx, valid = selection_tensor(self.tokens, batch, n_txt, device)
-        if self.suppress is not None and name in self.suppress_blocks:
-            bias = suppression_bias(idx, valid, n_txt, n_img, self.suppress, dtype, self.suppress_rows)
-            if mask is not None:
-                bias = bias + (mask if mask.dtype != torch.bool else torch.where(mask, 0.0, float("-inf")).to(bias))
-            mask = bias
-        if self.capture and name in self.blocks:
-            step = self._calls.get(name, 0)
-            self._calls[name] = step + 1
-            with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
-                q_img, k = qk()
-                b, _, h, _ = q_img.shape
-                chunk = self.query_chunk or max(1, CHUNK_BYTES // (4 * b * h * k.shape[1]))
-                maps = image_text_probs(q_img, k, idx, mask, n_txt, min(chunk, n_img))
-            if not self.keep_grad:
-                maps = maps.detach()
-            h, w = self.result.grid or (int(math.isqrt(n_img)), n_img // max(1, int(math.isqrt(n_img))))
-            self.result.maps[(name, step)] = maps.reshape(maps.shape[0], maps.shape[1], h, w)
-            self.result.valid = valid
-        return mask
+        bias = suppression_bias(idx, valid, n_txt, n_img, self.suppress, dtype, self.suppress_rows)
+        if mask is not None:
+            bias = bias + (mask if mask.dtype != torch.bool else torch.where(mask, 0.0, float("-inf")).to(bias))
+        return bias
+
+    def record(self, name: str, batch: int, n_txt: int, n_img: int, device, mask, qk) -> None:
+        """Record this call's maps under ``(name, step)`` from ``qk()`` (see :meth:`attend`) and ``mask``."""
+        idx, valid = selection_tensor(self.tokens, batch, n_txt, device)
+        step = self._calls.get(name, 0)
+        self._calls[name] = step + 1
+        with torch.set_grad_enabled(self.keep_grad and torch.is_grad_enabled()):
+            q_img, k = qk()
+            b, _, h, _ = q_img.shape
+            chunk = self.query_chunk or max(1, CHUNK_BYTES // (4 * b * h * k.shape[1]))
+            maps = image_text_probs(q_img, k, idx, mask, n_txt, min(chunk, n_img))
+        if not self.keep_grad:
+            maps = maps.detach()
+        h, w = self.result.grid or (int(math.isqrt(n_img)), n_img // max(1, int(math.isqrt(n_img))))
+        self.result.maps[(name, step)] = maps.reshape(maps.shape[0], maps.shape[1], h, w)
+        self.result.valid = valid
 
 
 class AttentionPatch(PatchCore):
@@ -294,9 +306,40 @@ class AttentionPatch(PatchCore):
             if self._n_txt is None:
                 raise RuntimeError("a single-stream block ran before any dual-stream block; cannot locate text tokens")
             n_txt, n_img = self._n_txt, hidden.shape[1] - self._n_txt
-        mask = self.attend(proc.name, hidden.shape[0], n_txt, n_img, hidden.device, hidden.dtype, mask,
-                           lambda: self._qk(attn, hidden, enc, rotary, n_txt))
-        return proc.original(attn, hidden, enc, mask, rotary, **kwargs)
+        batch, device = hidden.shape[0], hidden.device
+        mask = self.mask_for(proc.name, batch, n_txt, n_img, device, hidden.dtype, mask)
+        if not self.records(proc.name):
+            return proc.original(attn, hidden, enc, mask, rotary, **kwargs)
+        # the processor's own normed q/k (diffusers' processors all pass them through these modules), so the maps
+        # cost no second projection; a processor that bypasses the norms gets them recomputed
+        seen: dict[str, torch.Tensor] = {}
+        names = ("norm_q", "norm_k", "norm_added_k") if enc is not None else ("norm_q", "norm_k")
+        hooks = [getattr(attn, n).register_forward_hook(lambda _m, _i, out, n=n: seen.__setitem__(n, out))
+                 for n in names if isinstance(getattr(attn, n, None), nn.Module)]
+        try:
+            out = proc.original(attn, hidden, enc, mask, rotary, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if len(seen) == len(names):
+            qk = lambda: self._rope(seen, rotary, n_txt, enc is not None)  # noqa: E731
+        else:
+            qk = lambda: self._qk(attn, hidden, enc, rotary, n_txt)  # noqa: E731
+        self.record(proc.name, batch, n_txt, n_img, device, mask, qk)
+        return out
+
+    @staticmethod
+    def _rope(seen: dict[str, torch.Tensor], rotary, n_txt: int, dual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image queries and keys (text first) from the normed projections the processor computed."""
+        if dual:
+            q_img, k = seen["norm_q"], torch.cat([seen["norm_added_k"], seen["norm_k"]], 1)
+        else:
+            q_img, k = seen["norm_q"][:, n_txt:], seen["norm_k"]
+        if rotary is not None:
+            cos, sin = rotary
+            q_img = apply_rotary_emb(q_img, (cos[n_txt:], sin[n_txt:]), sequence_dim=1)
+            k = apply_rotary_emb(k, rotary, sequence_dim=1)
+        return q_img, k
 
     @staticmethod
     def _qk(attn, hidden, enc, rotary, n_txt) -> tuple[torch.Tensor, torch.Tensor]:
