@@ -6,6 +6,7 @@ always win.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -101,15 +102,24 @@ def wordnet_similarity(a: str, b: str) -> float:
 BANDS = {"no_relation": (0.0, 0.3), "far": (0.3, 0.55), "mid": (0.55, 0.85)}
 
 
-def irrelevant_in_bands(word: str, candidates: list[str], per_band: int = 1, seed: int = 0) -> dict[str, list[str]]:
-    """Pick irrelevant concepts from ``candidates`` in each WordNet-similarity band (App. C)."""
+def irrelevant_in_bands(word: str, candidates: list[str], per_band: int = 1, seed: int = 0,
+                        total: int | None = None) -> dict[str, list[str]]:
+    """Pick irrelevant concepts from ``candidates`` in each WordNet-similarity band (App. C).
+
+    ``total``: top the picks up to this many from the bands' leftovers (in turn) when some band is empty, e.g. for an
+    adjective, which WordNet relates to no noun: the RSC wants K concepts (paper K = 3) whatever their bands."""
     rng = random.Random(seed)
     scored = [(c, wordnet_similarity(word, c)) for c in candidates if c.lower() != word.lower()]
     out: dict[str, list[str]] = {}
+    pools: dict[str, list[str]] = {}
     for band, (lo, hi) in BANDS.items():
         pool = [c for c, s in scored if lo <= s < hi]
         rng.shuffle(pool)
-        out[band] = pool[:per_band]
+        out[band], pools[band] = pool[:per_band], pool[per_band:]
+    while total is not None and sum(map(len, out.values())) < total and any(pools.values()):
+        for band in BANDS:
+            if pools[band] and sum(map(len, out.values())) < total:
+                out[band].append(pools[band].pop(0))
     return out
 
 
@@ -165,12 +175,23 @@ def build_concept_set(word: str, prompts: list[str], synonyms: list[str] | None 
                       irrelevant: list[str] | None = None, preserve_prompts: list[str] | None = None,
                       candidates: list[str] | None = None, anchor: str = "", seed: int = 0) -> ConceptSet:
     """A concept set for real Flux: user lists win; otherwise WordNet synonyms and banded irrelevant concepts
-    picked from ``candidates`` (one per band)."""
+    picked from ``candidates`` (one per band). ``preserve_prompts=None`` preserves the irrelevant concepts in the
+    concept's own sentences (:func:`irrelevant_preserve_prompts`); ``[]`` preserves nothing."""
     syn = list(synonyms) if synonyms is not None else wordnet_synonyms(word)
     if irrelevant is None:
-        bands = irrelevant_in_bands(word, candidates or [], seed=seed) if candidates else {}
+        bands = irrelevant_in_bands(word, candidates or [], seed=seed, total=3) if candidates else {}
         irrelevant = [c for band in bands.values() for c in band]
     else:
         bands = {}
-    return ConceptSet(word=word, prompts=tuple(prompts), synonyms=tuple(syn), irrelevant=tuple(irrelevant),
-                      preserve_prompts=tuple(preserve_prompts or ()), anchor=anchor, bands=bands)
+    cs = ConceptSet(word=word, prompts=tuple(prompts), synonyms=tuple(syn), irrelevant=tuple(irrelevant),
+                    preserve_prompts=tuple(preserve_prompts or ()), anchor=anchor, bands=bands)
+    if preserve_prompts is None:
+        cs = dataclasses.replace(cs, preserve_prompts=irrelevant_preserve_prompts(cs))
+    return cs
+
+
+def irrelevant_preserve_prompts(cs: ConceptSet) -> tuple[str, ...]:
+    """EraseAnything's upper level keeps images of prompts that hold the erased concept's context with an irrelevant
+    concept (Sec. 4, "a nude girl" → keep "girl"): here each irrelevant concept in place of the word in one of the
+    concept's prompts (in turn), so the sentences an erase touches keep drawing everything but the concept."""
+    return tuple(cs.substitute(cs.prompts[i % len(cs.prompts)], other) for i, other in enumerate(cs.irrelevant))

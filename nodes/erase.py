@@ -6,7 +6,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from erase_core.comfy.jobs import concept_set, erase, loss_curve, save_lora, split_list
+from erase_core.comfy.jobs import concept_set, erase, loss_curve, save_lora
 from erase_core.comfy.world import ComfyWorld
 from erase_core.render import to_pil
 from erase_core.train import EA_METHODS, EraseConfig
@@ -55,7 +55,9 @@ class EraseConcept(io.ComfyNode):
                 io.String.Input("irrelevant", default="auto", tooltip="Comma-separated unrelated concepts to keep "
                                 "apart from the concept, or 'auto' (WordNet, three similarity bands)."),
                 io.String.Input("preserve_prompts", default="", multiline=True, tooltip="Prompts whose images must "
-                                "not change, one per line (e.g. neighbours of the concept)."),
+                                "not change, one per line (e.g. neighbours of the concept). Empty: the concept's "
+                                "prompts with each irrelevant concept in place of the word. Set lambda_preserve to 0 "
+                                "to preserve nothing."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of everything random in training."),
                 io.Int.Input("width", default=32, min=16, max=2048, step=16, tooltip="Training image width in "
                              "pixels (sandbox: 32; Flux: 512 fits 24 GB with fp8 weights)."),
@@ -107,7 +109,8 @@ class EraseConcept(io.ComfyNode):
             world = ComfyWorld(model, clip, latent_hw(width, height, vae), vae=vae, cfg_scale=cfg)
             cs = concept_set(concept, [p.strip() for p in prompts.splitlines() if p.strip()], synonyms, irrelevant,
                              [p.strip() for p in preserve_prompts.splitlines() if p.strip()], seed)
-            log.info("erasing %r: synonyms %s, irrelevant %s", cs.word, list(cs.synonyms), list(cs.irrelevant))
+            log.info("erasing %r: synonyms %s, irrelevant %s, preserved %s", cs.word, list(cs.synonyms),
+                     list(cs.irrelevant), list(cs.preserve_prompts))
 
             def report(entry):
                 preview = to_pil(entry.preview, 4) if entry.preview is not None else None

@@ -127,7 +127,6 @@ def convert(api: dict, object_info: dict) -> dict:
     order = {nid: i for i, nid in enumerate(topo)}
 
     nodes, links = {}, []
-    outputs_links: dict[tuple[str, int], list[int]] = {}
     pending = []  # (from_id, from_slot, to_id, to_slot, type)
     for nid in ids:
         node, info = api[nid], object_info[api[nid]["class_type"]]

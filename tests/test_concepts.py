@@ -22,6 +22,10 @@ def test_similarity_bands():
     bands = irrelevant_in_bands("dog", ["cat", "wolf", "car", "theory", "idea", "table"], per_band=2)
     assert set(bands) == {"no_relation", "far", "mid"}
     assert "dog" not in sum(bands.values(), [])
+    # an adjective is related to no noun: every candidate lands in one band, and the picks are topped up to K = 3
+    assert sum(map(len, irrelevant_in_bands("red", ["tree", "car", "cup", "dog"]).values())) == 1
+    topped = irrelevant_in_bands("red", ["tree", "car", "cup", "dog"], total=3)
+    assert len(sum(topped.values(), [])) == 3 == len(set(sum(topped.values(), [])))
 
 
 def test_user_lists_win():
@@ -29,6 +33,15 @@ def test_user_lists_win():
     assert cs.synonyms == ("naked",) and cs.irrelevant == ("tree",)
     auto = build_concept_set("car", ["a red car"], candidates=["truck", "banana", "theory"])
     assert "automobile" in auto.synonyms and auto.irrelevant
+
+
+def test_preserve_prompts_default_to_irrelevant_concepts_in_the_concepts_sentences():
+    cs = build_concept_set("nude", ["a nude girl", "a Nude statue, marble"], synonyms=["naked"],
+                           irrelevant=["tree", "cloud", "dog"])
+    assert cs.preserve_prompts == ("a tree girl", "a cloud statue, marble", "a dog girl")
+    assert build_concept_set("nude", ["a nude girl"], [], ["tree"], preserve_prompts=[]).preserve_prompts == ()
+    given = build_concept_set("nude", ["a nude girl"], [], ["tree"], preserve_prompts=["a girl"])
+    assert given.preserve_prompts == ("a girl",)
 
 
 def test_llm_reply_is_parsed_as_json_and_validated():

@@ -61,7 +61,9 @@ def test_text_fields_and_concept_sets():
     assert split_list("a, b\nc,, ") == ["a", "b", "c"]
     cs = concept_set("red", [], "crimson, scarlet", "tree, car", ["a blue square"])
     assert cs.synonyms == ("crimson", "scarlet") and cs.irrelevant == ("tree", "car")
-    assert all("red" in p for p in cs.prompts)
+    assert all("red" in p for p in cs.prompts) and cs.preserve_prompts == ("a blue square",)
+    auto = concept_set("red", [], "crimson", "tree, car", [])  # no preserve prompts typed: the irrelevant ones
+    assert len(auto.preserve_prompts) == 2 and "tree" in auto.preserve_prompts[0] and "red" not in auto.preserve_prompts[0]
     with pytest.raises(ValueError, match="concept is empty"):
         concept_set("  ", [], "auto", "auto")
 

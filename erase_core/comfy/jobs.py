@@ -84,14 +84,15 @@ class EraseJob:
 
 def concept_set(word: str, prompts: list[str], synonyms: str = "auto", irrelevant: str = "auto",
                 preserve: list[str] | None = None, seed: int = 0) -> ConceptSet:
-    """The concept set from the node's text fields; "auto" = offline WordNet (synonyms; irrelevant in three bands)."""
+    """The concept set from the node's text fields; "auto" = offline WordNet (synonyms; irrelevant in three bands);
+    no preserve prompts = the irrelevant concepts in the concept's own prompts."""
     word = word.strip()
     if not word:
         raise ValueError("concept is empty: type the word to erase, e.g. 'red'")
     prompts = prompts or default_prompts(word)
     syn = None if synonyms.strip().lower() == "auto" else split_list(synonyms)
     irr = None if irrelevant.strip().lower() == "auto" else split_list(irrelevant)
-    return build_concept_set(word, prompts, syn, irr, preserve or [], candidates=list(CANDIDATES), seed=seed)
+    return build_concept_set(word, prompts, syn, irr, preserve or None, candidates=list(CANDIDATES), seed=seed)
 
 
 def comfy_geometry(model) -> dict:
