@@ -29,7 +29,8 @@ class RealEraEraser(Eraser):
     """Noise alignment on top of a closed-form edit; ``config.method`` must be ``realera``."""
 
     def __init__(self, world, concept: ConceptSet, config: EraseConfig, closed_form: LoraFile,
-                 neighbours: NeighbourConfig = NeighbourConfig()):
+                 neighbours: NeighbourConfig | None = NeighbourConfig()):
+        """``neighbours=None``: every step is Eq. 8 (the ablation "closed form + alignment", no mined neighbours)."""
         if config.method != "realera":
             raise ValueError(f"RealEraEraser needs method='realera', got {config.method!r}")
         self.closed_form, self.neighbour_cfg, self.calls = closed_form, neighbours, 0
@@ -61,7 +62,7 @@ class RealEraEraser(Eraser):
 
     def lower_step(self) -> dict[str, float]:
         prompts, anchors, x_t, t = self._batch()
-        odd = self.calls % 2 == 0  # the paper's odd steps (1st, 3rd, …)
+        odd = self.calls % 2 == 0 or self.neighbour_cfg is None  # the paper's odd steps (1st, 3rd, …)
         self.calls += 1
         with torch.no_grad():
             target = self.original.velocity(x_t, t, self.world.encode(anchors))
@@ -96,8 +97,11 @@ def realera_lora(trained: dict, closed_form: LoraFile) -> LoraFile:
 
 
 def realera(world, concept: ConceptSet, config: EraseConfig, cf: ClosedFormConfig = ClosedFormConfig(),
-            neighbours: NeighbourConfig = NeighbourConfig(), **train_kw) -> tuple[EraseResult, LoraFile]:
-    """Closed form with neighbours, then noise alignment; returns the training result and the combined LoRA."""
+            neighbours: NeighbourConfig | None = NeighbourConfig(), **train_kw) -> tuple[EraseResult, LoraFile]:
+    """Closed form with neighbours, then noise alignment; returns the training result and the combined LoRA.
+
+    ``neighbours=None`` mines nothing (closed form on the concept alone, Eq. 8 steps only); ``NeighbourConfig(n=0)``
+    mines neighbours but no beyond-concept samples: the rows of RealEra's Table 3."""
     from .kv_edit import closed_form_erase
 
     edit = closed_form_erase(world, concept, cf, neighbours=neighbours, seed=config.seed)

@@ -39,3 +39,15 @@ def test_realera_erases_west(world):
     model = apply_lora(copy.deepcopy(world.transformer), lf)
     assert found_rate(world, "a shape in the west", "west", 16, seed=3, transformer=model) <= 25
     assert found_rate(world, "a shape in the east", "east", 16, seed=3, transformer=model) >= 80
+
+
+def test_ablation_without_neighbours_aligns_the_concept_only(world):
+    """Table 3's "closed form + alignment": no mined rows in the closed form, every step Eq. 8."""
+    cs = sandbox_concept_set("west")
+    res, lf = realera(world, cs, EraseConfig(method="realera", steps=3, batch=2, base_samples=2), neighbours=None)
+    assert [set(h.losses) for h in res.history] == [{"align"}] * 3
+    edit = closed_form_erase(world, cs)
+    trained = trained_lora(res.model)
+    name = next(n for n in edit.modules if n in trained.modules)
+    torch.testing.assert_close(lf.modules[name].delta(), edit.modules[name].delta() + trained.modules[name].delta(),
+                               atol=1e-5, rtol=1e-4)
