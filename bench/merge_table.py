@@ -119,7 +119,8 @@ def main():
         if mode == "closed_form":
             ci, pi = closed_form_inputs(world, all_files, list(KEEP))
         merged = merge(all_files, MergeConfig(mode=mode), ci, pi, names=list(ORDER))
-        results[mode] = {"merge_seconds": time.time() - t, **evaluate(ORDER, merged)}
+        results[mode] = {"merge_seconds": time.time() - t, **evaluate(ORDER, merged),
+                         "preserve_weight": MergeConfig(mode=mode).preserve_weight if mode == "closed_form" else None}
         log.info("%s: mean share %.2f, Acc_ir %.1f%%", mode, results[mode]["mean_efficacy_share"],
                  results[mode]["acc_ir_of_base"])
     for n in (3, 5, 10, 20):
@@ -144,7 +145,8 @@ def main():
           "|---|---|---|---|---|"]
     for mode, r in results.items():
         worst = min(r["efficacy_share"], key=r["efficacy_share"].get)
-        md.append(f"| {mode} | {100 * r['mean_efficacy_share']:.0f}% | {worst} {100 * r['efficacy_share'][worst]:.0f}% "
+        label = f"{mode} (λ = {r['preserve_weight']:g})" if r.get("preserve_weight") is not None else mode
+        md.append(f"| {label} | {100 * r['mean_efficacy_share']:.0f}% | {worst} {100 * r['efficacy_share'][worst]:.0f}% "
                   f"| {r['acc_ir_of_base']:.0f}% | {r['merge_seconds']:.1f} |")
     md += ["", "| LoRAs merged | " + " | ".join(sweep) + " |", "|---|" + "---|" * len(sweep)]
     for i, n in enumerate((3, 5, 10, 20)):

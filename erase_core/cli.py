@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--rank", type=_positive_int, default=None, help="refactor the merged LoRA to this rank (SVD)")
     mg.add_argument("--preserve", nargs="*", default=None,
                     help="closed_form: concepts to keep (default: every sandbox concept not being merged)")
-    mg.add_argument("--preserve-weight", type=float, default=1.0, help="closed_form: weight λ of the preserve term")
+    mg.add_argument("--preserve-weight", type=float, default=1000.0,
+                    help="closed_form: weight λ of the preserve term (default 1000, as the node)")
     mg.add_argument("--out", type=Path, required=True, help="merged LoRA file to write (.safetensors)")
     mg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     mg.add_argument("--report", type=Path, default=None,

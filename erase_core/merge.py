@@ -36,7 +36,7 @@ class MergeConfig:
     mode: str = "concat"
     weights: tuple[float, ...] | None = None  # one per LoRA; default 1 each
     rank: int | None = None  # refactor the result to this rank (SVD); default per mode
-    preserve_weight: float = 1.0  # λ of the closed form
+    preserve_weight: float = 1000.0  # λ of the closed form (the node's default; 1 erases more, keeps less: README)
     ridge: float = 1e-4  # μ of the closed form, relative to the mean input energy
 
     def __post_init__(self):
