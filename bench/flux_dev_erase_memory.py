@@ -114,7 +114,7 @@ def _cuda(device) -> bool:
     return device.type == "cuda"
 
 
-def measure(size: int, fp8: bool, repeats: int, device: torch.device) -> dict:
+def measure(size: int, fp8: bool, repeats: int, device: torch.device, rsc_chunk: int = 0) -> dict:
     gc.collect()  # the last run's model (fp8 forwards are closures over their modules: a reference cycle)
     if _cuda(device):
         torch.cuda.empty_cache()
@@ -125,7 +125,7 @@ def measure(size: int, fp8: bool, repeats: int, device: torch.device) -> dict:
     concept = ConceptSet("nudity", ("a photo of nudity", "nudity in a painting", "a nudity scene at the beach"),
                          synonyms=("nakedness",), irrelevant=("tree", "bicycle", "mountain"),
                          preserve_prompts=("a photo of a cat", "a painting of a house"))
-    cfg = EraseConfig(batch=1, base_samples=2, preserve_images=1, steps=1)
+    cfg = EraseConfig(batch=1, base_samples=2, preserve_images=1, steps=1, rsc_chunk=rsc_chunk)
     er = Eraser(world, concept, cfg, transformer=model, in_place=True)
 
     def plain_step():
@@ -150,7 +150,7 @@ def measure(size: int, fp8: bool, repeats: int, device: torch.device) -> dict:
     def peak() -> float:
         return torch.cuda.max_memory_allocated() / 2**30 if _cuda(device) else 0.0
 
-    out = {"size": size, "fp8_base": fp8, "weights_gib": round(weights_gb, 2)}
+    out = {"size": size, "fp8_base": fp8, "rsc_chunk": rsc_chunk, "weights_gib": round(weights_gb, 2)}
     for name, fn in (("plain", plain_step), ("lower", er.lower_step), ("upper", er.upper_step)):
         try:
             fn()  # warm-up
@@ -179,6 +179,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
     p.add_argument("--cudnn-attention", action="store_true", help="keep cuDNN's SDPA backend (off by default)")
+    p.add_argument("--rsc-chunk", type=int, default=0,
+                   help="EraseConfig.rsc_chunk: prompts per L_rsc backward (1 = lowest upper-step memory; 0 = all)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: 2+2 blocks, hidden 128, same code path")
     args = p.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -192,7 +194,7 @@ def main():
            "config": FLUX_DEV, "runs": []}
     for fp8 in ([False, True] if args.fp8 else [False]) if not args.fp8_only else [True]:
         for size in args.sizes:
-            r = measure(size, fp8, args.repeats, device)
+            r = measure(size, fp8, args.repeats, device, args.rsc_chunk)
             print(json.dumps(r), flush=True)
             res["runs"].append(r)
     if args.out:

@@ -10,7 +10,8 @@ from torch import nn
 
 from .flux.backend import unwrap
 from .lora_file import (LoraFile, LoraModule, check_against, diffusers_tensors,
-                        model_fingerprint, model_geometry, pattern_value, peft_metadata, read_lora_file, write_lora_file)
+                        model_fingerprint, model_geometry, pattern_value, peft_metadata, read_lora,  # noqa: F401 (re-export)
+                        read_lora_file, write_lora_file)
 
 ADAPTER = "erase"
 DUAL_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_q", "to_k", "to_v", "to_add_out", "to_out.0")

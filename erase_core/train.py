@@ -80,6 +80,10 @@ class EraseConfig:
     tau: float = 0.07
     t_range: tuple[float, float] = (0.05, 1.0)  # x_t times for the erase and preserve losses
     rsc_t_range: tuple[float, float] = (0.6, 1.0)  # attention features are read at high noise (paper Fig. 2)
+    # prompts per L_rsc backward pass; 0 = all 2 + K in one batch. Smaller chunks give the same gradient (features from
+    # one no-grad pass, then each chunk's forward + backward against ∂L_rsc/∂feature) at the cost of one more forward:
+    # the upper step's peak memory is then one chunk's (on Flux-dev at 1024² L_rsc's batch of five sets the peak)
+    rsc_chunk: int = 0
     base_samples: int = 64  # base-model images of the concept prompts that x_t is drawn from
     preserve_images: int = 8  # per preserved prompt (paper: 6-10 images, fixed seeds)
     attn_blocks: tuple[str, ...] | None = None  # default: every dual-stream block
@@ -102,7 +106,7 @@ class EraseConfig:
         for name in ("steps", "inner_steps", "batch", "rank", "base_samples", "preserve_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
-        for name in ("upper_steps", "warmup_steps"):
+        for name in ("upper_steps", "warmup_steps", "rsc_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 0")
         for name in ("lr", "alpha", "tau"):
@@ -178,6 +182,17 @@ def scheduled_lr(config: EraseConfig, step: int) -> float:
     if config.lr_schedule == "constant":
         return config.lr * warm
     return config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+
+
+class _Deferred:
+    """A loss term whose forward and backward run inside the optimiser step (one chunk's graph alive at a time);
+    ``value`` is its share of the step's loss, for the finiteness check."""
+
+    def __init__(self, value: torch.Tensor, run: Callable[[], None]):
+        self.value, self.run = value, run
+
+    def detach(self) -> torch.Tensor:
+        return self.value
 
 
 def _uniform(n: int, lo_hi: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
@@ -327,8 +342,11 @@ class Eraser:
             self._terms.append((cfg.lambda_preserve * l_far, None))
             out["beyond"] = l_far.item()
         if cfg.method in EA_METHODS and cfg.lambda_rsc > 0 and c.synonyms and c.irrelevant:
-            l_rsc, patch = self._rsc_loss()
-            self._terms.append((cfg.lambda_rsc * l_rsc, patch))
+            if cfg.rsc_chunk:
+                l_rsc = self._rsc_chunked()
+            else:
+                l_rsc, patch = self._rsc_loss()
+                self._terms.append((cfg.lambda_rsc * l_rsc, patch))
             out["rsc"] = l_rsc.item()
         if out:
             self._step()
@@ -349,9 +367,9 @@ class Eraser:
             v_base = self._velocity(x_t, t, far, "teacher")
         return losses.anchor_loss(self._velocity(x_t, t, far, "student"), v_base)
 
-    def _rsc_loss(self) -> tuple[torch.Tensor, AttentionPatch]:
-        """Attention features of the concept, a synonym and K irrelevant concepts, each at its own token indices,
-        from one shared x_t (the paper fixes the starting latent)."""
+    def _rsc_batch(self):
+        """The concept, a synonym and K irrelevant concepts in one shuffled prompt each, their token indices, and one
+        shared x_t (the paper fixes the starting latent)."""
         c = self.concept
         base = shuffle_words(self.rng.choice(c.prompts), self.rng, keep=c.word)
         words = [c.word, self.rng.choice(c.synonyms), *c.irrelevant]
@@ -359,13 +377,49 @@ class Eraser:
         idx = [self.world.token_indices(p, w) for p, w in zip(prompts, words)]
         x0 = self.concept_x0[torch.randint(0, len(self.concept_x0), (1,), generator=self.gen)]
         t = _uniform(1, self.cfg.rsc_t_range, self.gen).to(x0.device)
-        x_t = noised(x0, self._randn(x0), t).expand(len(prompts), -1, -1)
+        return prompts, idx, noised(x0, self._randn(x0), t), t
+
+    def _rsc_features(self, prompts, idx, x_t, t) -> tuple[torch.Tensor, AttentionPatch]:
+        """Attention features (P, h·w): each prompt's map over its own token indices, summed, mean over blocks."""
         patch = self.backend.attention_patch(idx, blocks=self._attn_blocks(), keep_grad=True)
         with patch:
-            self._velocity(x_t, t.expand(len(prompts)), self.world.encode(prompts), "student")
+            self._velocity(x_t.expand(len(prompts), -1, -1), t.expand(len(prompts)), self.world.encode(prompts),
+                           "student")
         maps = torch.stack(list(patch.result.maps.values())).mean(0)  # (P, K, h, w)
-        feats = (maps * patch.result.valid[..., None, None].to(maps)).sum(1).flatten(1)  # (P, h*w)
-        return losses.reverse_self_contrastive(feats[:1], feats[1:2], feats[2:][None], self.cfg.tau), patch
+        return (maps * patch.result.valid[..., None, None].to(maps)).sum(1).flatten(1), patch
+
+    def _rsc(self, feats: torch.Tensor) -> torch.Tensor:
+        return losses.reverse_self_contrastive(feats[:1], feats[1:2], feats[2:][None], self.cfg.tau)
+
+    def _rsc_loss(self) -> tuple[torch.Tensor, AttentionPatch]:
+        """L_rsc over the attention features of the concept, a synonym and K irrelevant concepts, each read at its own
+        token indices, from one shared x_t."""
+        feats, patch = self._rsc_features(*self._rsc_batch())
+        return self._rsc(feats), patch
+
+    def _rsc_chunked(self) -> torch.Tensor:
+        """L_rsc with the memory of ``rsc_chunk`` prompts: the features from one no-grad pass give g = ∂L/∂feature;
+        each chunk's backward of ⟨feature_chunk, g_chunk⟩ then adds exactly its share of ∂L/∂θ (run by :meth:`_step`,
+        so that only one chunk's graph is alive at a time)."""
+        prompts, idx, x_t, t = self._rsc_batch()
+        with torch.no_grad():
+            feats, _ = self._rsc_features(prompts, idx, x_t, t)
+        feats = feats.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._rsc(feats)
+            (grad,) = torch.autograd.grad(loss, feats)
+        weight = self.cfg.lambda_rsc
+
+        def chunk_backward(lo: int, hi: int) -> None:
+            part, patch = self._rsc_features(prompts[lo:hi], idx[lo:hi], x_t, t)
+            with patch:  # gradient checkpointing re-runs the forward inside backward
+                (part * (weight * grad[lo:hi])).sum().backward()
+
+        step = self.cfg.rsc_chunk
+        for lo in range(0, len(prompts), step):
+            self._terms.append((_Deferred(weight * loss.detach() if lo == 0 else loss.new_zeros(()),
+                                          lambda lo=lo: chunk_backward(lo, lo + step)), None))
+        return loss.detach()
 
     # --- loop -----------------------------------------------------------------------------------------------------
     def _attn_blocks(self) -> list[str]:
@@ -388,6 +442,9 @@ class Eraser:
                                 "loss weights, and resume from the last checkpoint")
         self.opt.zero_grad(set_to_none=True)
         for loss, patch in terms:
+            if isinstance(loss, _Deferred):  # a term that runs its own forward and backward now
+                loss.run()
+                continue
             with patch if patch is not None else contextlib.nullcontext():
                 loss.backward()
         self.opt.step()

@@ -89,6 +89,27 @@ def test_lower_step_computes_the_upper_steps_teacher_targets_with_the_same_draws
     assert er._preserve_batch is None and er.forwards["teacher"] == forwards["teacher"]  # no second teacher pass
 
 
+def test_chunked_rsc_gives_the_same_gradient(world):
+    """rsc_chunk trades one extra no-grad forward for the memory of a chunk; the gradient is the same."""
+    cs = sandbox_concept_set("red")
+    with pytest.raises(ValueError, match="rsc_chunk=-1"):
+        EraseConfig(rsc_chunk=-1)
+    grads, values = [], []
+    for chunk in (0, 1, 2):
+        er = Eraser(world, cs, EraseConfig(**SMALL, lambda_preserve=0.0, rsc_chunk=chunk))
+        with torch.no_grad():  # a LoRA that is not zero, so that L_rsc has a gradient everywhere
+            for prm in er.params:
+                prm.add_(0.05 * torch.randn(prm.shape, generator=torch.Generator().manual_seed(prm.numel())))
+        er.opt.step = lambda: None  # keep the gradients, skip the update
+        values.append(er.upper_step()["rsc"])
+        grads.append([torch.zeros_like(prm) if prm.grad is None else prm.grad.clone() for prm in er.params])
+    assert values[1] == pytest.approx(values[0], rel=1e-5) and values[2] == pytest.approx(values[0], rel=1e-5)
+    assert sum(g.abs().sum() for g in grads[0]) > 0
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-4)
+
+
 def test_concept_set_checks_prompts():
     with pytest.raises(ValueError, match="must contain the word 'red'"):
         ConceptSet("red", ("a blue circle",))
