@@ -121,6 +121,8 @@ def main():
                    help="comma-separated: esd, ca, eraseanything, eraseanything+neighbors, uce, realera")
     p.add_argument("--out", type=Path, default=Path("bench/results/erase"))
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--no-suppression", action="store_true",
+                   help="skip the attention-suppression row (deterministic: the same in every run)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -135,8 +137,9 @@ def main():
         others = others_of(name)
         base = evaluate_erasure(world, name, samples=args.samples, others=others)
         rows.append(row(name, "base model", base, base, 0.0))
-        sup = evaluate_erasure(SuppressedWorld(world, name), name, samples=args.samples, others=others)
-        rows.append(row(name, "attention suppression", sup, base, 0.0))
+        if not args.no_suppression:
+            sup = evaluate_erasure(SuppressedWorld(world, name), name, samples=args.samples, others=others)
+            rows.append(row(name, "attention suppression", sup, base, 0.0))
         models = {}
         steps = {"steps": args.steps} if args.steps else {}
         for method in [m for m in args.methods.split(",") if m]:  # --methods '' runs the ablation only

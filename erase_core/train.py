@@ -354,12 +354,15 @@ class Eraser:
 
     def _beyond_concept_loss(self) -> torch.Tensor:
         """RealEra's beyond-concept regularisation: the concept's rows moved beyond its neighbourhood keep the frozen
-        base's velocity."""
+        base's velocity. Flux reads the prompt twice, so the pooled vector is the prompt's without the word: with the
+        concept's own pooled vector the "far" prompt would still ask for the concept, and keeping its velocity would
+        keep the concept on the pooled path."""
         cfg, c = self.cfg, self.concept
         prompts = [shuffle_words(self.rng.choice(c.prompts), self.rng, keep=c.word) for _ in range(cfg.batch)]
         text = self.world.encode(prompts)
         rows = [self.world.token_indices(p, c.word) for p in prompts]
-        far = TextCond(perturb_rows(text.sequence, rows, "far", NeighbourConfig(), self.gen), text.pooled)
+        pooled = self.world.encode([replace_word(p, c.word, "") for p in prompts]).pooled
+        far = TextCond(perturb_rows(text.sequence, rows, "far", NeighbourConfig(), self.gen), pooled)
         x0 = self.concept_x0[torch.randint(0, len(self.concept_x0), (cfg.batch,), generator=self.gen)]
         t = _uniform(cfg.batch, cfg.t_range, self.gen).to(x0.device)
         x_t = noised(x0, self._randn(x0), t)

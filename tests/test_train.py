@@ -9,7 +9,7 @@ from erase_core.concepts import ConceptSet
 from erase_core.evaluate import found_rate
 from erase_core.lora import apply_lora, read_lora, save_lora, teacher_mode
 from erase_core.sandbox.erase_sets import sandbox_concept_set
-from erase_core.tokens import shuffle_words, tokenize_with_offsets
+from erase_core.tokens import replace_word, shuffle_words, tokenize_with_offsets
 from erase_core.train import EraseConfig, Eraser, NonFiniteLoss, erase, scheduled_lr
 
 SMALL = dict(steps=2, batch=4, base_samples=4, preserve_images=1)
@@ -108,6 +108,22 @@ def test_chunked_rsc_gives_the_same_gradient(world):
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-4)
+
+
+def test_beyond_concept_samples_do_not_carry_the_concept_on_the_pooled_path(world):
+    """The far-perturbed prompts keep the base's velocity; their pooled vector is the prompt's without the word, or
+    the beyond-concept term would preserve the concept through Flux's second (pooled) text path."""
+    er = Eraser(world, sandbox_concept_set("red"), EraseConfig(**SMALL, method="eraseanything+neighbors"))
+    seen = []
+    orig = er._velocity
+    er._velocity = lambda x, t, text, kind: seen.append(text) or orig(x, t, text, kind)
+    state = er.rng.getstate()
+    er._beyond_concept_loss()
+    er.rng.setstate(state)
+    prompts = [shuffle_words(er.rng.choice(er.concept.prompts), er.rng, keep="red") for _ in range(SMALL["batch"])]
+    without = world.encode([replace_word(p, "red", "") for p in prompts])
+    assert torch.equal(seen[0].pooled, without.pooled) and torch.equal(seen[1].pooled, without.pooled)
+    assert not torch.equal(seen[0].pooled, world.encode(prompts).pooled)
 
 
 def test_concept_set_checks_prompts():
