@@ -6,6 +6,7 @@ Usage: python bench/erase_table.py [--concepts moon,ring,red,blue,west,northeast
 Writes table.md, table.json and grid_<concept>.png into --out. Slow: minutes per concept and method on 2 cores.
 """
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -111,6 +112,18 @@ def markdown(rows: list[dict], title: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs for EraseConfig fields, values parsed as JSON (never evaluated)."""
+    fields = {f.name for f in dataclasses.fields(EraseConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--config {item!r}: expected KEY=VALUE with KEY an EraseConfig field")
+        out[key] = json.loads(value)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--concepts", default="moon,ring,red,blue,west,northeast")
@@ -121,6 +134,8 @@ def main():
                    help="comma-separated: esd, ca, eraseanything, eraseanything+neighbors, uce, realera")
     p.add_argument("--out", type=Path, default=Path("bench/results/erase"))
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="EraseConfig override for the trained methods, VALUE as JSON (e.g. lambda_beyond=0); repeatable")
     p.add_argument("--no-suppression", action="store_true",
                    help="skip the attention-suppression row (deterministic: the same in every run)")
     args = p.parse_args()
@@ -142,6 +157,7 @@ def main():
             rows.append(row(name, "attention suppression", sup, base, 0.0))
         models = {}
         steps = {"steps": args.steps} if args.steps else {}
+        steps.update(parse_overrides(args.config))
         for method in [m for m in args.methods.split(",") if m]:  # --methods '' runs the ablation only
             t = time.time()
             model = train_method(world, cs, method, steps)

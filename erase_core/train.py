@@ -77,6 +77,10 @@ class EraseConfig:
     lambda_attn: float = 1.0
     lambda_preserve: float = 4.0  # paper 1.0 with the flow target; see the ablation
     lambda_rsc: float = 0.1
+    # eraseanything+neighbors: weight of the beyond-concept term (None = lambda_preserve). On the sandbox the "far"
+    # samples are still partly the concept to the base model (bench/neighbour_radius.py), so keeping their velocity
+    # also keeps the concept's associations (README, residue test); 0 drops the term
+    lambda_beyond: float | None = None
     tau: float = 0.07
     t_range: tuple[float, float] = (0.05, 1.0)  # x_t times for the erase and preserve losses
     rsc_t_range: tuple[float, float] = (0.6, 1.0)  # attention features are read at high noise (paper Fig. 2)
@@ -112,6 +116,8 @@ class EraseConfig:
         for name in ("lr", "alpha", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.lambda_beyond is not None and (self.lambda_beyond < 0 or not math.isfinite(self.lambda_beyond)):
+            raise ValueError(f"lambda_beyond={self.lambda_beyond} must be a finite number ≥ 0 (or None: lambda_preserve)")
         for name in ("lambda_attn", "lambda_preserve", "lambda_rsc", "eta"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number ≥ 0")
@@ -337,9 +343,10 @@ class Eraser:
                 l_pres = losses.flow_loss(v, x0, noise)
             self._terms.append((cfg.lambda_preserve * l_pres, None))
             out["preserve"] = l_pres.item()
-        if cfg.method == "eraseanything+neighbors" and cfg.lambda_preserve > 0:
+        beyond = cfg.lambda_preserve if cfg.lambda_beyond is None else cfg.lambda_beyond
+        if cfg.method == "eraseanything+neighbors" and beyond > 0:
             l_far = self._beyond_concept_loss()
-            self._terms.append((cfg.lambda_preserve * l_far, None))
+            self._terms.append((beyond * l_far, None))
             out["beyond"] = l_far.item()
         if cfg.method in EA_METHODS and cfg.lambda_rsc > 0 and c.synonyms and c.irrelevant:
             if cfg.rsc_chunk:
