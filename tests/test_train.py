@@ -126,6 +126,15 @@ def test_beyond_concept_samples_do_not_carry_the_concept_on_the_pooled_path(worl
     assert not torch.equal(seen[0].pooled, world.encode(prompts).pooled)
 
 
+def test_lambda_beyond_weights_or_drops_the_beyond_concept_term(world):
+    cs = sandbox_concept_set("red")
+    with pytest.raises(ValueError, match="lambda_beyond=-1"):
+        EraseConfig(lambda_beyond=-1)
+    small = {**SMALL, "method": "eraseanything+neighbors", "lambda_rsc": 0.0}
+    assert "beyond" in Eraser(world, cs, EraseConfig(**small)).upper_step()  # default: lambda_preserve
+    assert "beyond" not in Eraser(world, cs, EraseConfig(**small, lambda_beyond=0.0)).upper_step()
+
+
 def test_concept_set_checks_prompts():
     with pytest.raises(ValueError, match="must contain the word 'red'"):
         ConceptSet("red", ("a blue circle",))
