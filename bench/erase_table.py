@@ -72,7 +72,7 @@ class SuppressedWorld:
             return self.world.sample(prompts, seed=seed, patch=patch, **kw)
 
 
-def train_method(world, cs, method: str, steps: dict):
+def train_method(world, cs, method: str, overrides: dict):
     """The erased transformer of one method: the trainer's methods, or the closed form (uce) / RealEra."""
     import copy
 
@@ -85,9 +85,9 @@ def train_method(world, cs, method: str, steps: dict):
     if method == "realera":
         from erase_core.realera import realera
 
-        _, lf = realera(world, cs, EraseConfig(method="realera", **steps))
+        _, lf = realera(world, cs, EraseConfig(method="realera", **overrides))
         return apply_lora(copy.deepcopy(world.transformer), lf)
-    return erase(world, cs, EraseConfig(method=method, **steps)).model
+    return erase(world, cs, EraseConfig(method=method, **overrides)).model
 
 
 def row(name: str, method: str, m: EraseMetrics, base: EraseMetrics, seconds: float) -> dict:
@@ -156,11 +156,11 @@ def main():
             sup = evaluate_erasure(SuppressedWorld(world, name), name, samples=args.samples, others=others)
             rows.append(row(name, "attention suppression", sup, base, 0.0))
         models = {}
-        steps = {"steps": args.steps} if args.steps else {}
-        steps.update(parse_overrides(args.config))
+        overrides = {"steps": args.steps} if args.steps else {}  # EraseConfig fields for every trained method
+        overrides.update(parse_overrides(args.config))
         for method in [m for m in args.methods.split(",") if m]:  # --methods '' runs the ablation only
             t = time.time()
-            model = train_method(world, cs, method, steps)
+            model = train_method(world, cs, method, overrides)
             seconds = time.time() - t  # training only; the evaluation is not part of an erase's cost
             m = evaluate_erasure(world, name, transformer=model, samples=args.samples, others=others)
             rows.append(row(name, method, m, base, seconds))
@@ -174,7 +174,7 @@ def main():
         if name in args.ablation.split(","):
             for label, kw in ABLATION.items():
                 t = time.time()
-                res = erase(world, cs, EraseConfig(**{**steps, **kw}))
+                res = erase(world, cs, EraseConfig(**{**overrides, **kw}))
                 seconds = time.time() - t
                 m = evaluate_erasure(world, name, transformer=res.model, samples=args.samples, others=others)
                 ablation_rows.append(row(name, label, m, base, seconds))

@@ -118,9 +118,10 @@ def main():
         ci = pi = None
         if mode == "closed_form":
             ci, pi = closed_form_inputs(world, all_files, list(KEEP))
-        merged = merge(all_files, MergeConfig(mode=mode), ci, pi, names=list(ORDER))
+        cfg = MergeConfig(mode=mode)
+        merged = merge(all_files, cfg, ci, pi, names=list(ORDER))
         results[mode] = {"merge_seconds": time.time() - t, **evaluate(ORDER, merged),
-                         "preserve_weight": MergeConfig(mode=mode).preserve_weight if mode == "closed_form" else None}
+                         "preserve_weight": cfg.preserve_weight if mode == "closed_form" else None}
         log.info("%s: mean share %.2f, Acc_ir %.1f%%", mode, results[mode]["mean_efficacy_share"],
                  results[mode]["acc_ir_of_base"])
     for n in (3, 5, 10, 20):

@@ -190,6 +190,19 @@ def scheduled_lr(config: EraseConfig, step: int) -> float:
     return config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / config.steps))
 
 
+@dataclass
+class _PreserveBatch:
+    """One upper-step batch: base-model images of preserved prompts, noised; ``v_base`` is the teacher's velocity
+    on it, filled in by the lower step that computes it in its own teacher forward (None until then)."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    x_t: torch.Tensor
+    t: torch.Tensor
+    text: TextCond
+    v_base: torch.Tensor | None = None
+
+
 class _Deferred:
     """A loss term whose forward and backward run inside the optimiser step (one chunk's graph alive at a time);
     ``value`` is its share of the step's loss, for the finiteness check."""
@@ -223,7 +236,7 @@ class Eraser:
         self.gen = torch.Generator().manual_seed(config.seed)
         self.forwards = {"teacher": 0, "student": 0}
         self._terms: list[tuple[torch.Tensor, AttentionPatch | None]] = []  # this step's weighted loss terms
-        self._preserve_batch: tuple | None = None  # the next upper step's data, drawn by the lower step
+        self._preserve_batch: _PreserveBatch | None = None  # the next upper step's data, drawn by the lower step
         self._prepare()
 
     # --- data made by the base model itself ---------------------------------------------------------------------
@@ -256,19 +269,22 @@ class Eraser:
                 return list(v.split([len(j[0]) for j in jobs]))
             return [self._velocity(x, t, text, "teacher") for x, t, text in jobs]
 
+    def _preserves(self) -> bool:
+        """Whether upper steps have a preservation term (L_lora)."""
+        return bool(self.preserve) and self.cfg.lambda_preserve > 0
+
     def _upper_pending(self) -> bool:
         """Whether an upper step with a preservation term follows this lower step (its data can be drawn now)."""
-        return self.cfg.method in EA_METHODS and bool(self.preserve) and self.cfg.lambda_preserve > 0
+        return self.cfg.method in EA_METHODS and self._preserves()
 
-    def _draw_preserve(self) -> tuple:
-        """One upper-step batch of base-model images of preserved prompts, noised: (x0, noise, prompts, x_t, t,
-        text, v_base); v_base (the teacher's velocity) is filled in by the lower step when it computes it."""
+    def _draw_preserve(self) -> _PreserveBatch:
+        """One upper-step batch of base-model images of preserved prompts, noised (teacher velocity not yet known)."""
         cfg = self.cfg
         rows = [self.preserve[self.rng.randrange(len(self.preserve))] for _ in range(cfg.batch)]
         x0 = torch.stack([x for _, x in rows])
         noise = self._randn(x0)
         t = _uniform(cfg.batch, cfg.t_range, self.gen).to(x0.device)
-        return x0, noise, [p for p, _ in rows], noised(x0, noise, t), t, self.world.encode([p for p, _ in rows]), None
+        return _PreserveBatch(x0, noise, noised(x0, noise, t), t, self.world.encode([p for p, _ in rows]))
 
     # --- lower level: erase ---------------------------------------------------------------------------------------
     def lower_step(self) -> dict[str, float]:
@@ -298,10 +314,11 @@ class Eraser:
         if self._upper_pending() and self._preserve_batch is None:  # the upper step's draws come next either way
             self._preserve_batch = self._draw_preserve()
             if cfg.preserve_target == "teacher":
-                jobs.append(self._preserve_batch[3:6])
+                pb = self._preserve_batch
+                jobs.append((pb.x_t, pb.t, pb.text))
         v_teacher = self._teacher(jobs)
         if len(v_teacher) > len(conds):
-            self._preserve_batch = (*self._preserve_batch[:6], v_teacher.pop())
+            self._preserve_batch.v_base = v_teacher.pop()
         if cfg.method == "ca":
             (v_anchor,) = v_teacher
         else:
@@ -331,16 +348,15 @@ class Eraser:
     def upper_step(self) -> dict[str, float]:
         cfg, c = self.cfg, self.concept
         out: dict[str, float] = {}
-        if self.preserve and cfg.lambda_preserve > 0:
-            batch, self._preserve_batch = self._preserve_batch or self._draw_preserve(), None
-            x0, noise, _, x_t, t, text, v_base = batch
-            v = self._velocity(x_t, t, text, "student")
+        if self._preserves():
+            pb, self._preserve_batch = self._preserve_batch or self._draw_preserve(), None
+            v = self._velocity(pb.x_t, pb.t, pb.text, "student")
             if cfg.preserve_target == "teacher":
-                if v_base is None:
-                    (v_base,) = self._teacher([(x_t, t, text)])
-                l_pres = losses.anchor_loss(v, v_base)
+                if pb.v_base is None:
+                    (pb.v_base,) = self._teacher([(pb.x_t, pb.t, pb.text)])
+                l_pres = losses.anchor_loss(v, pb.v_base)
             else:
-                l_pres = losses.flow_loss(v, x0, noise)
+                l_pres = losses.flow_loss(v, pb.x0, pb.noise)
             self._terms.append((cfg.lambda_preserve * l_pres, None))
             out["preserve"] = l_pres.item()
         beyond = cfg.lambda_preserve if cfg.lambda_beyond is None else cfg.lambda_beyond

@@ -75,7 +75,8 @@ def test_maps_come_from_the_processors_own_projections_and_match_a_recompute(flu
     with torch.no_grad(), AttentionPatch(flux, [1, 4], blocks=blocks):
         DiffusersFlux(flux, (8, 8)).velocity(x, t, text)
     assert calls == []  # the hook path was taken
-    monkeypatch.setattr(AttentionPatch, "_rope", staticmethod(lambda *a: (_ for _ in ()).throw(KeyError("norm_q"))))
+    monkeypatch.setattr(AttentionPatch, "_from_hooks",
+                        staticmethod(lambda *a: (_ for _ in ()).throw(KeyError("norm_q"))))
     real_hook = torch.nn.Module.register_forward_hook
     monkeypatch.setattr(torch.nn.Module, "register_forward_hook",  # a processor whose norms never report
                         lambda self, fn, **kw: real_hook(self, lambda *a: None, **kw))

@@ -75,15 +75,16 @@ def test_lower_step_computes_the_upper_steps_teacher_targets_with_the_same_draws
     cs = sandbox_concept_set("red")
     er = Eraser(world, cs, EraseConfig(**SMALL))
     er.lower_step()
-    x0, noise, prompts, x_t, t, text, v_base = er._preserve_batch
+    pb = er._preserve_batch
     with torch.no_grad(), er.backend.teacher():
-        torch.testing.assert_close(v_base, er.backend.velocity(x_t, t, text), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pb.v_base, er.backend.velocity(pb.x_t, pb.t, pb.text), atol=1e-5, rtol=1e-4)
     own = Eraser(world, cs, EraseConfig(**SMALL))
     own._upper_pending = lambda: False  # the lower step leaves the upper step's draws to it
     own.lower_step()
     assert own._preserve_batch is None
-    x0b, noise_b, prompts_b, _, t_b, _, _ = own._draw_preserve()
-    assert prompts == prompts_b and torch.equal(x0, x0b) and torch.equal(noise, noise_b) and torch.equal(t, t_b)
+    mine = own._draw_preserve()
+    assert torch.equal(pb.text.sequence, mine.text.sequence) and torch.equal(pb.x0, mine.x0)
+    assert torch.equal(pb.noise, mine.noise) and torch.equal(pb.t, mine.t) and mine.v_base is None
     forwards = dict(er.forwards)
     er.upper_step()
     assert er._preserve_batch is None and er.forwards["teacher"] == forwards["teacher"]  # no second teacher pass

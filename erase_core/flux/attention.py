@@ -7,8 +7,9 @@ Flux's blocks attend over one joint sequence with the text tokens first. For an 
 and the map of a token j is P[:, j] laid out on the latent grid, averaged over heads. :class:`AttentionPatch` wraps the
 attention processors of chosen blocks. Capture takes q and k from the processor's own normed projections (forward
 hooks on its q/k norms) and leaves the original processor untouched, so the model output stays bit-identical.
-Suppression multiplies the chosen columns by ``scale`` before renormalisation, as an additive log-mask (``scale = 0`` deletes them: the deterministic attention-map
-erasure of EraseAnything Sec. 3), for every query by default (no token can pass the word on) or image queries only.
+Suppression multiplies the chosen columns by ``scale`` before renormalisation, as an additive log-mask (``scale = 0``
+deletes them: the deterministic attention-map erasure of EraseAnything Sec. 3), for every query by default (no token
+can pass the word on) or image queries only.
 """
 from __future__ import annotations
 
@@ -322,27 +323,31 @@ class AttentionPatch(PatchCore):
             for hook in hooks:
                 hook.remove()
         if len(seen) == len(names):
-            qk = lambda: self._rope(seen, rotary, n_txt, enc is not None)  # noqa: E731
+            qk = lambda: self._rope(*self._from_hooks(seen, n_txt, enc is not None), rotary, n_txt)  # noqa: E731
         else:
-            qk = lambda: self._qk(attn, hidden, enc, rotary, n_txt)  # noqa: E731
+            qk = lambda: self._rope(*self._qk(attn, hidden, enc, n_txt), rotary, n_txt)  # noqa: E731
         self.record(proc.name, batch, n_txt, n_img, device, mask, qk)
         return out
 
     @staticmethod
-    def _rope(seen: dict[str, torch.Tensor], rotary, n_txt: int, dual: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image queries and keys (text first) from the normed projections the processor computed."""
+    def _from_hooks(seen: dict[str, torch.Tensor], n_txt: int, dual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image queries and keys (text first), before RoPE, from the normed projections the processor computed."""
         if dual:
-            q_img, k = seen["norm_q"], torch.cat([seen["norm_added_k"], seen["norm_k"]], 1)
-        else:
-            q_img, k = seen["norm_q"][:, n_txt:], seen["norm_k"]
-        if rotary is not None:
-            cos, sin = rotary
-            q_img = apply_rotary_emb(q_img, (cos[n_txt:], sin[n_txt:]), sequence_dim=1)
-            k = apply_rotary_emb(k, rotary, sequence_dim=1)
-        return q_img, k
+            return seen["norm_q"], torch.cat([seen["norm_added_k"], seen["norm_k"]], 1)
+        return seen["norm_q"][:, n_txt:], seen["norm_k"]
 
     @staticmethod
-    def _qk(attn, hidden, enc, rotary, n_txt) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(q_img: torch.Tensor, k: torch.Tensor, rotary, n_txt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on image queries (their rows of the joint sequence) and on all keys."""
+        if rotary is None:
+            return q_img, k
+        cos, sin = rotary
+        return (apply_rotary_emb(q_img, (cos[n_txt:], sin[n_txt:]), sequence_dim=1),
+                apply_rotary_emb(k, rotary, sequence_dim=1))
+
+    @staticmethod
+    def _qk(attn, hidden, enc, n_txt) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image queries and keys (text first), before RoPE, projected again (processors that bypass the norms)."""
         heads = lambda x: x.unflatten(-1, (-1, attn.head_dim))  # noqa: E731  (B, S, H, D)
         if enc is not None:
             q_img = attn.norm_q(heads(attn.to_q(hidden)))
@@ -350,8 +355,4 @@ class AttentionPatch(PatchCore):
         else:
             q_img = attn.norm_q(heads(attn.to_q(hidden[:, n_txt:])))
             k = attn.norm_k(heads(attn.to_k(hidden)))
-        if rotary is not None:
-            cos, sin = rotary
-            q_img = apply_rotary_emb(q_img, (cos[n_txt:], sin[n_txt:]), sequence_dim=1)
-            k = apply_rotary_emb(k, rotary, sequence_dim=1)
         return q_img, k
