@@ -2,6 +2,7 @@
 every concept; dilution of `normalized` against the number of LoRAs; merge time at Flux-dev geometry.
 
 Usage: python bench/merge_table.py [--samples 32] [--out bench/results/merge] [--threads 2]
+       (every mode; `distill` trains through the sandbox model, DistillConfig's defaults, ~4 min per merge on 1 core)
        python bench/merge_table.py --timing-only     # 20 random LoRAs of Flux-dev geometry, every mode, timed
 LoRAs are cached in OUT/loras (delete them to retrain). Writes table.md, table.json, dilution.png, interference.png.
 """
@@ -17,12 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from erase_core import render  # noqa: E402
-from erase_core.cli_merge import closed_form_inputs  # noqa: E402
+from erase_core.cli_merge import closed_form_inputs, distill_prompts  # noqa: E402
 from erase_core.evaluate import found_rate  # noqa: E402
 from erase_core.io import atomic_write_text  # noqa: E402
 from erase_core.lora import apply_lora, save_lora  # noqa: E402
 from erase_core.lora_file import LoraFile, LoraModule, read_lora_file  # noqa: E402
 from erase_core.merge import MODES, MergeConfig, interference, interference_summary, merge  # noqa: E402
+from erase_core.merge_distill import DistillConfig, distill_merge  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
 from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
@@ -100,34 +102,55 @@ def main():
     single = {c: rate(world, c, args.samples, with_lora(world, loras[c])) for c in ORDER}
     log.info("base %s\nsingle %s", base, single)
 
-    def evaluate(names, lf):
+    held_out = [(c, concept_prompt(s, CONCEPTS[c].axis)) for c in KEEP for s in CONCEPTS[c].synonyms]
+
+    def held_out_rate(model=None):  # the kept concepts under their synonyms: prompts no merge mode trains on
+        return sum(found_rate(world, p, c, args.samples, seed=4242, transformer=model) for c, p in held_out)
+
+    base_held_out = held_out_rate()
+
+    def evaluate(names, lf, synonyms=False):
         model = with_lora(world, lf)
         erased = {c: rate(world, c, args.samples, model) for c in names}
         kept = {c: rate(world, c, args.samples, model) for c in KEEP}
         drop = {c: base[c] - erased[c] for c in names}
         share = {c: drop[c] / max(base[c] - single[c], 1e-9) for c in names}
-        return {"acc_e": erased, "kept": kept, "efficacy_share": share,
-                "mean_efficacy_share": sum(share.values()) / len(share),
-                "min_efficacy_share": min(share.values()),
-                "acc_ir_of_base": 100 * sum(kept.values()) / max(sum(base[c] for c in KEEP), 1e-9)}
+        out = {"acc_e": erased, "kept": kept, "efficacy_share": share,
+               "mean_efficacy_share": sum(share.values()) / len(share),
+               "min_efficacy_share": min(share.values()),
+               "concepts_at_90": sum(v >= 0.9 for v in share.values()),
+               "acc_ir_of_base": 100 * sum(kept.values()) / max(sum(base[c] for c in KEEP), 1e-9)}
+        if synonyms:
+            out["acc_ir_synonyms_of_base"] = 100 * held_out_rate(model) / max(base_held_out, 1e-9)
+        return out
+
+    def merged_with(mode: str, names) -> LoraFile:
+        files = [loras[c] for c in names]
+        if mode not in ("closed_form", "distill"):
+            return merge(files, MergeConfig(mode=mode), names=list(names))
+        ci, pi = closed_form_inputs(world, files, list(KEEP))
+        if mode == "closed_form":
+            return merge(files, MergeConfig(mode=mode), ci, pi, names=list(names))
+        prompts, keep = distill_prompts(files, list(KEEP))
+        merged, history = distill_merge(world, files, MergeConfig(mode=mode), prompts, keep, ci, pi, DistillConfig(),
+                                        names=list(names))
+        log.info("distill of %d: losses first %s, last %s", len(names), history[0], history[-1])
+        return merged
 
     results, sweep = {}, {}
     all_files = [loras[c] for c in ORDER]
     for mode in MODES:
         t = time.time()
-        ci = pi = None
-        if mode == "closed_form":
-            ci, pi = closed_form_inputs(world, all_files, list(KEEP))
-        cfg = MergeConfig(mode=mode)
-        merged = merge(all_files, cfg, ci, pi, names=list(ORDER))
-        results[mode] = {"merge_seconds": time.time() - t, **evaluate(ORDER, merged),
-                         "preserve_weight": cfg.preserve_weight if mode == "closed_form" else None}
+        merged = merged_with(mode, ORDER)
+        results[mode] = {"merge_seconds": time.time() - t, **evaluate(ORDER, merged, synonyms=True),
+                         "preserve_weight": MergeConfig().preserve_weight if mode in ("closed_form", "distill")
+                         else None}
         log.info("%s: mean share %.2f, Acc_ir %.1f%%", mode, results[mode]["mean_efficacy_share"],
                  results[mode]["acc_ir_of_base"])
     for n in (3, 5, 10, 20):
         names = ORDER[:n]
-        for mode in ("normalized", "concat"):
-            r = evaluate(names, merge([loras[c] for c in names], MergeConfig(mode=mode)))
+        for mode in ("normalized", "concat", "distill"):
+            r = results[mode] if n == len(ORDER) else evaluate(names, merged_with(mode, names))
             sweep.setdefault(mode, []).append({"n": n, "mean_efficacy_share": r["mean_efficacy_share"],
                                                "acc_ir_of_base": r["acc_ir_of_base"]})
     cos = interference(all_files)
@@ -138,17 +161,20 @@ def main():
                      "share of single-LoRA erasure kept", "LoRAs merged", "%", ylim=(0, 110)).save(
         args.out / "dilution.png")
     report = {"machine": machine, "samples": args.samples, "erased": list(ORDER), "kept": list(KEEP), "base": base,
+              "base_held_out_synonyms": base_held_out, "distill_config": DistillConfig().to_dict(),
               "single": single, "train_seconds": train_s, "modes": results, "sweep": sweep,
               "interference": summary}
     atomic_write_text(args.out / "table.json", json.dumps(report, indent=2))
     md = [f"Merging {len(ORDER)} erase-LoRAs on the sandbox ({args.samples} samples per prompt; {machine}).", "",
-          "| mode | mean share of single-LoRA erasure kept | worst concept | Acc_ir (% of base) | merge s |",
-          "|---|---|---|---|---|"]
+          "| mode | mean share of single-LoRA erasure kept | concepts ≥ 90 % kept | worst concept | Acc_ir (% of base) "
+          "| Acc_ir, synonyms (% of base) | merge s |",
+          "|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         worst = min(r["efficacy_share"], key=r["efficacy_share"].get)
         label = f"{mode} (λ = {r['preserve_weight']:g})" if r.get("preserve_weight") is not None else mode
-        md.append(f"| {label} | {100 * r['mean_efficacy_share']:.0f}% | {worst} {100 * r['efficacy_share'][worst]:.0f}% "
-                  f"| {r['acc_ir_of_base']:.0f}% | {r['merge_seconds']:.1f} |")
+        md.append(f"| {label} | {100 * r['mean_efficacy_share']:.0f}% | {r['concepts_at_90']} / {len(ORDER)} "
+                  f"| {worst} {100 * r['efficacy_share'][worst]:.0f}% | {r['acc_ir_of_base']:.0f}% "
+                  f"| {r['acc_ir_synonyms_of_base']:.0f}% | {r['merge_seconds']:.1f} |")
     md += ["", "| LoRAs merged | " + " | ".join(sweep) + " |", "|---|" + "---|" * len(sweep)]
     for i, n in enumerate((3, 5, 10, 20)):
         md.append(f"| {n} | " + " | ".join(f"{100 * sweep[m][i]['mean_efficacy_share']:.0f}% "

@@ -116,18 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
 
-    mg = sub.add_parser("merge", help="merge several erase-LoRAs into one (normalized, sum, concat, closed_form)")
+    mg = sub.add_parser("merge", help="merge several erase-LoRAs into one (normalized, sum, concat, closed_form, "
+                                      "distill)")
     mg.add_argument("loras", type=Path, nargs="+", help="LoRA files to merge (.safetensors, same base model)")
     mg.add_argument("--weights", type=float, nargs="+", default=None,
                     help="one weight per LoRA, in order (default 1 each; 'normalized' rescales them to sum to 1)")
-    mg.add_argument("--mode", choices=("normalized", "sum", "concat", "closed_form"), default="concat",
+    mg.add_argument("--mode", choices=("normalized", "sum", "concat", "closed_form", "distill"), default="concat",
                     help="normalized: Eq. 12 (diluted); sum: weighted sum at the input rank; concat: exact sum, "
-                         "ranks stacked (default); closed_form: solved per module on concept/preserve inputs")
+                         "ranks stacked (default); closed_form: solved per module on concept/preserve inputs; "
+                         "distill: closed_form, then trained through the sandbox model to act like each LoRA on its "
+                         "concept and like the base on the preserved concepts (best on the sandbox: docs)")
     mg.add_argument("--rank", type=_positive_int, default=None, help="refactor the merged LoRA to this rank (SVD)")
     mg.add_argument("--preserve", nargs="*", default=None,
-                    help="closed_form: concepts to keep (default: every sandbox concept not being merged)")
+                    help="closed_form/distill: concepts to keep (default: every sandbox concept not being merged)")
     mg.add_argument("--preserve-weight", type=float, default=1000.0,
-                    help="closed_form: weight λ of the preserve term (default 1000, as the node)")
+                    help="closed_form/distill: weight λ of the closed form's preserve term (default 1000, as the node)")
+    mg.add_argument("--distill-steps", type=_positive_int, default=None,
+                    help="distill: training steps (default: DistillConfig's, 1500)")
+    mg.add_argument("--distill-batch", type=_positive_int, default=None,
+                    help="distill: rows per step from the LoRAs' prompts, and as many preserved (default 16)")
+    mg.add_argument("--distill-images", type=_positive_int, default=None,
+                    help="distill: images sampled per LoRA (half base, half LoRA; 4× for the preserved concepts; "
+                         "default 64)")
     mg.add_argument("--out", type=Path, required=True, help="merged LoRA file to write (.safetensors)")
     mg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     mg.add_argument("--report", type=Path, default=None,
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sandbox: also measure, per concept, the share of its single-LoRA erasure that survives "
                          "the merge, on this many samples")
     mg.add_argument("--world", type=Path, default=None,
-                    help="closed_form: sandbox weights folder that provides the inputs (default: the shipped one)")
+                    help="closed_form/distill: sandbox weights folder that provides the model (default: the shipped one)")
 
     nb = sub.add_parser("neighbors", help="RealEra neighbour mining of a concept: labelled samples and what the "
                         "base (and an erased) model draws from each")

@@ -9,26 +9,52 @@ import torch
 log = logging.getLogger("erase_flux")
 
 
-def closed_form_inputs(world, loras, preserve: list[str] | None):
-    """Sandbox inputs of every target module: each LoRA's concept, and the preserved concepts."""
-    from .sandbox.erase_sets import module_inputs
-    from .sandbox.world import CONCEPTS, concept as lookup
+def lora_concepts(loras) -> list[str]:
+    """The sandbox concept each LoRA erases, from its metadata."""
+    from .sandbox.world import concept as lookup
 
     names = []
     for i, lf in enumerate(loras):
         c = lf.meta.get("concept")
         if not isinstance(c, str):
-            raise ValueError(f"LoRA {i + 1} has no concept in its metadata; closed_form needs to know what each "
-                             "LoRA erases (use another mode, or LoRAs made by `erase`)")
+            raise ValueError(f"LoRA {i + 1} has no concept in its metadata; closed_form and distill need to know what "
+                             "each LoRA erases (use another mode, or LoRAs made by `erase`)")
         names.append(lookup(c).name)
+    return names
+
+
+def kept_concepts(names: list[str], preserve: list[str] | None) -> list[str]:
+    """The concepts a merge keeps: ``preserve``, or every sandbox concept not being merged."""
+    from .sandbox.world import CONCEPTS, concept as lookup
+
+    return [lookup(p).name for p in preserve] if preserve else [c for c in CONCEPTS if c not in names]
+
+
+def closed_form_inputs(world, loras, preserve: list[str] | None):
+    """Sandbox inputs of every target module: each LoRA's concept, and the preserved concepts."""
+    from .sandbox.erase_sets import module_inputs
+
+    names = lora_concepts(loras)
     modules = sorted(loras[0].modules)
     concept_inputs = [module_inputs(world, n, modules) for n in names]
-    keep = [lookup(p).name for p in preserve] if preserve else [c for c in CONCEPTS if c not in names]
+    keep = kept_concepts(names, preserve)
     preserve_inputs = None
     if keep:
         per = [module_inputs(world, n, modules) for n in keep]
         preserve_inputs = {m: torch.cat([p[m] for p in per]) for m in modules}
     return concept_inputs, preserve_inputs
+
+
+def distill_prompts(loras, preserve: list[str] | None) -> tuple[list[list[str]], list[str]]:
+    """Sandbox prompts of the distilled merge: per LoRA, the plain prompt of its concept under every alias; the
+    plain prompts of the kept concepts and the empty prompt (the sampler's unconditional branch)."""
+    from .sandbox.prompts import concept_prompt
+    from .sandbox.world import CONCEPTS
+
+    names = lora_concepts(loras)
+    prompts = [[concept_prompt(a, CONCEPTS[n].axis) for a in CONCEPTS[n].aliases] for n in names]
+    keep = [concept_prompt(c, CONCEPTS[c].axis) for c in kept_concepts(names, preserve)]
+    return prompts, [*keep, ""]
 
 
 def survival(loras, merged, samples: int, world_dir=None) -> dict:
@@ -62,6 +88,7 @@ def run(args) -> int:
     from .io import atomic_write_text
     from .lora_file import read_lora_file, write_lora_file
     from .merge import MergeConfig, interference, interference_summary, merge
+    from .merge_distill import DistillConfig, distill_merge
 
     if args.out.suffix != ".safetensors":
         raise ValueError(f"--out {args.out} must end in .safetensors")
@@ -71,12 +98,24 @@ def run(args) -> int:
                       preserve_weight=args.preserve_weight)
     loras = [read_lora_file(p) for p in args.loras]
     names = [p.stem for p in args.loras]
+    given = {"steps": args.distill_steps, "batch": args.distill_batch, "images": args.distill_images,
+             "preserve_images": 4 * args.distill_images if args.distill_images else None}
+    dcfg = DistillConfig(**{k: v for k, v in given.items() if v is not None})
     concept_inputs = preserve_inputs = None
-    if cfg.mode == "closed_form":
+    if cfg.mode in ("closed_form", "distill"):
         from .sandbox.pipeline import SandboxWorld
 
-        concept_inputs, preserve_inputs = closed_form_inputs(SandboxWorld.load(args.world), loras, args.preserve)
-    merged = merge(loras, cfg, concept_inputs, preserve_inputs, names=names)
+        world = SandboxWorld.load(args.world)
+        concept_inputs, preserve_inputs = closed_form_inputs(world, loras, args.preserve)
+    if cfg.mode == "distill":
+        prompts, keep = distill_prompts(loras, args.preserve)
+        every = max(1, dcfg.steps // 10)
+        merged, _ = distill_merge(world, loras, cfg, prompts, keep, concept_inputs, preserve_inputs, dcfg, names,
+                                  progress=lambda step, losses: step % every or log.info(
+                                      "distill step %d/%d: %s", step, dcfg.steps,
+                                      ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "step")))
+    else:
+        merged = merge(loras, cfg, concept_inputs, preserve_inputs, names=names)
     write_lora_file(merged, args.out, overwrite=args.overwrite)
     cos = interference(loras)
     report = {"out": str(args.out), "mode": cfg.mode, "weights": merged.meta["merge"]["weights"],

@@ -8,6 +8,8 @@ For LoRAs i = 1..n with deltas ΔW_i = s_i · B_i A_i on the same modules:
   the fixed-size merge most tools produce.
 * ``concat``     — ΔW = Σ_i w_i ΔW_i stored exactly by stacking the ranks (A = [A_1; …; A_n], B = [w_1 s_1 B_1, …]);
   no dilution, no truncation (weights default to 1).
+* ``distill``    — the closed form, then trained through the model to act like each LoRA on its own concept's
+  prompts and like the base on preserved ones (:mod:`erase_core.merge_distill`; needs the base model).
 * ``closed_form`` — per module, the ΔW that reproduces every LoRA's effect on its own concept's inputs while
   staying near zero on preserved inputs (in the spirit of MACE's multi-LoRA fusion):
 
@@ -26,7 +28,8 @@ import torch
 
 from .lora_file import GEOMETRY_KEYS, LoraFile, LoraModule
 
-MODES = ("normalized", "sum", "concat", "closed_form")
+MODES = ("normalized", "sum", "concat", "closed_form", "distill")
+WEIGHT_MODES = MODES[:4]  # computed from the files (closed_form: plus collected inputs); distill trains
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def merge_weights(n: int, weights, mode: str) -> list[float]:
         raise ValueError(f"weights {w} contain a non-finite value")
     if all(x == 0 for x in w):
         raise ValueError("weights are all zero: the merge would be an empty LoRA; give at least one non-zero weight")
-    if mode in ("normalized", "closed_form") and any(x < 0 for x in w):
+    if mode in ("normalized", "closed_form", "distill") and any(x < 0 for x in w):
         raise ValueError(f"weights {w}: mode {mode!r} needs weights ≥ 0 (they are shares of the merge); "
                          "use 'sum' or 'concat' for signed weights")
     if mode == "normalized":
@@ -143,6 +146,8 @@ def closed_form_lora(modules: list[LoraModule], weights: list[float], concept_in
 def merge(loras: list[LoraFile], config: MergeConfig, concept_inputs: list[dict[str, torch.Tensor]] | None = None,
           preserve_inputs: dict[str, torch.Tensor] | None = None, names: list[str] | None = None) -> LoraFile:
     """Merge ``loras`` into one LoRA file object; ``closed_form`` needs per-LoRA module inputs (see collect)."""
+    if config.mode == "distill":
+        raise ValueError("mode distill trains through the base model: call erase_core.merge_distill.distill_merge")
     check_compatible(loras, names)
     w = merge_weights(len(loras), config.weights, config.mode)
     out: dict[str, LoraModule] = {}

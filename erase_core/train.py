@@ -174,7 +174,7 @@ def locatable(world, concept: ConceptSet) -> ConceptSet:
     return dataclasses.replace(concept, synonyms=synonyms, irrelevant=irrelevant)
 
 
-def _copy(model):
+def trainable_copy(model):
     """A trainable copy of a ComfyUI MODEL or a torch module."""
     if hasattr(model, "model_options") and hasattr(model, "clone"):
         # a deep copy, as ComfyUI's own trainer does: weights loaded under inference mode cannot join autograd
@@ -228,7 +228,7 @@ class Eraser:
         self.world, self.cfg = world, config
         self.concept = locatable(world, concept)
         base = transformer if transformer is not None else world.transformer
-        self.model = base if in_place else _copy(base)
+        self.model = base if in_place else trainable_copy(base)
         self.backend = world.backend(self.model)
         self.params = self.backend.attach_lora(config.targets, config.rank, config.alpha, seed=config.seed)
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.0)

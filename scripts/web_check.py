@@ -148,6 +148,8 @@ PURE = r"""import("%s").then((m) => ({
           m.phraseSpans("a (red) circle", "(red)")],
   linked: m.effectiveWeights([{lora: "a", weight: 1}, {lora: "none", weight: 9}], "normalized", 2),
   negative: m.effectiveWeights([{lora: "a", weight: 2}, {lora: "b", weight: -1}], "normalized"),
+  negative_distill: m.effectiveWeights([{lora: "a", weight: 2}, {lora: "b", weight: -1}], "distill"),
+  negative_sum: m.effectiveWeights([{lora: "a", weight: 2}, {lora: "b", weight: -1}], "sum"),
   single: m.effectiveWeights([{lora: "a", weight: 2}, {lora: "none", weight: 1}], "concat"),
 }))""" % EXT_URL
 

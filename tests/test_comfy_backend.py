@@ -106,10 +106,40 @@ def _child(comfy_dir: str, out_path: str) -> int:
         stock, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path), safe_load=True),
                                                  1.0, 0.0)
         out["export_vs_stock_loader"] = (ComfyFlux(stock, (8, 8)).velocity(x, t, text) - v_student).abs().max().item()
+        from erase_core.flux.deltas import added_deltas, folded_factors
+        from erase_core.lora_file import read_lora_file
+
+        exported = read_lora_file(path)
+        with added_deltas(ComfyFlux(model, (8, 8)), folded_factors(exported)):  # the distilled merge's teachers
+            v_hooked = ComfyFlux(model, (8, 8)).velocity(x, t, text)
+        out["hooked_vs_stock_loader"] = (v_hooked - v_student).abs().max().item()
+        out["hooks_removed"] = (ComfyFlux(model, (8, 8)).velocity(x, t, text) - v_base).abs().max().item()
+    out["distill"] = _distill(world, model, exported)
     out["dev"] = _tiny_dev(comfy_dir, Path(out_path).with_name("dev_lora.safetensors"))
     out["dtypes"] = _low_precision(sw, clip)
     Path(out_path).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def _distill(world, model, lora) -> dict:
+    """A few distilled-merge steps on ComfyUI's MODEL, loaded under inference mode as a server loads it: the student
+    trains through a trainable copy, the teachers run on the MODEL itself, which stays untouched."""
+    import torch
+
+    from erase_core.lora_file import LoraFile, LoraModule
+    from erase_core.merge_distill import DistillConfig, distill
+    from erase_core.train import trainable_copy
+
+    base_state = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    init = LoraFile({k: LoraModule(m.down, 0.5 * m.up, m.alpha) for k, m in lora.modules.items()})  # half of it
+    cfg = DistillConfig(steps=30, lr=1e-2, batch=2, images=2, preserve_images=2, sample_steps=2)
+    with torch.inference_mode(False), torch.enable_grad():
+        merged, history = distill(world, [lora], init, [["a red circle"]], ["a blue square", ""], cfg,
+                                  transformer=trainable_copy(model))
+    return {"first": sum(h["teachers"] for h in history[:5]) / 5, "last": sum(h["teachers"] for h in history[-5:]) / 5,
+            "moved": max((merged.modules[k].delta() - init.modules[k].delta()).abs().max().item() for k in init.modules),
+            "base_untouched": all(torch.equal(v, model.model.diffusion_model.state_dict()[k])
+                                  for k, v in base_state.items())}
 
 
 def _low_precision(sw, clip) -> dict:
@@ -233,6 +263,11 @@ if __name__ != "__main__":
         for name, d in measured["dtypes"].items():
             assert d["lora_dtypes"] == ["torch.float32"] and d["finite"] and d["lora_moved"] > 0, (name, d)
             assert d["rel_velocity_error"] < (0.02 if name == "bf16" else 0.15), (name, d)
+
+    def test_hooked_deltas_equal_the_stock_loader_and_distill_trains(measured):
+        assert measured["hooked_vs_stock_loader"] <= VELOCITY_ATOL and measured["hooks_removed"] <= 1e-6, measured
+        d = measured["distill"]
+        assert d["base_untouched"] and d["moved"] > 0 and d["last"] < d["first"], d
 
     def test_exported_lora_is_what_diffusers_and_the_stock_loader_apply(measured):
         assert measured["export_vs_diffusers"] <= VELOCITY_ATOL, measured

@@ -195,15 +195,18 @@ def test_pure_helpers(report):
     assert pure["linked"]["values"] == [pytest.approx(1 / 3), None]  # linked lora_a / lora_b count with weight 1
     assert pure["linked"]["linked"] == [pytest.approx(1 / 3)] * 2 and pure["linked"]["warnings"] == []
     assert any("≥ 0" in w for w in pure["negative"]["warnings"])
+    assert any("distill needs weights ≥ 0" in w for w in pure["negative_distill"]["warnings"])  # as merge.py refuses
+    assert pure["negative_sum"]["warnings"] == []  # sum and concat take signed weights
     assert pure["single"]["values"] == [2, None] and any("two" in w for w in pure["single"]["warnings"])
 
 
 def test_workflow_round_trip(report):
     rt = report["roundtrip"]
-    # Our panels are not serialised: the saved values are exactly the nodes' own widgets (the last four are the
-    # closed_form mode's optional preserve, preserve_weight, width, height at their defaults).
+    # Our panels are not serialised: the saved values are exactly the nodes' own widgets (after the name: the
+    # closed_form mode's optional preserve, preserve_weight, width, height, then distill's steps, batch, images, cfg,
+    # at their defaults).
     assert rt["saved"]["EraseFlux_MergeLoras"] == ["a.safetensors", 1, "b.safetensors", 3, "none", 5, "none", 1,
-                                                   "normalized", 0, "merged_erase", "", 1000, 32, 32]
+                                                   "normalized", 0, "merged_erase", "", 1000, 32, 32, 1500, 16, 64, 1]
     assert rt["saved"]["EraseFlux_AttentionInspect"][:2] == ["a red circle, on a blue square (photo)", "blue square"]
     assert rt["panels"] == [1, 1] and rt["word"] == "blue square"
     assert [c["text"] for c in rt["chips"] if c["selected"]] == ["blue", "square"]

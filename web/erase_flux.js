@@ -35,6 +35,8 @@ export function phraseSpans(prompt, phrase) {
  * slots: [{lora, weight}] for lora_1 … lora_4; linked: how many of lora_a / lora_b are connected (weight 1 each).
  * Returns {mode, values (null for an unused slot), linked (their effective weights), sum, warnings}.
  */
+const SHARE_MODES = ["normalized", "closed_form", "distill"]; // modes whose weights are shares (≥ 0), as in merge.py
+
 export function effectiveWeights(slots, mode, linked = 0) {
   const raw = slots.map((s) => (s.lora && s.lora !== NONE ? Number(s.weight) : null));
   const all = [...raw.filter((w) => w !== null), ...Array(linked).fill(1)];
@@ -43,7 +45,7 @@ export function effectiveWeights(slots, mode, linked = 0) {
   const scale = (w) => (w === null ? null : normalized ? (sum !== 0 ? w / sum : NaN) : w);
   const warnings = [];
   if (all.length < 2) warnings.push("choose at least two LoRAs to merge");
-  if (normalized && all.some((w) => w < 0)) warnings.push("normalized needs weights ≥ 0 (use sum or concat for signed weights)");
+  if (SHARE_MODES.includes(mode) && all.some((w) => w < 0)) warnings.push(`${mode} needs weights ≥ 0 (use sum or concat for signed weights)`);
   if (normalized && all.length && Math.abs(sum) < 1e-12) warnings.push("weights sum to 0: normalized weights are undefined");
   else if (all.length && all.every((w) => w === 0)) warnings.push("all weights are 0: the merge would be empty");
   return { mode, values: raw.map(scale), linked: Array(linked).fill(1).map(scale), sum, warnings };

@@ -166,6 +166,20 @@ def closed_form_merge_inputs(world: ComfyWorld, loras: list[LoraFile], preserve:
     return concept_inputs, preserve_inputs
 
 
+def distill_merge_prompts(loras: list[LoraFile], preserve: list[str]) -> tuple[list[list[str]], list[str]]:
+    """The distilled merge's prompts on ComfyUI: per LoRA, the default prompts of its concept and of the synonyms
+    in its metadata; the preserved words' default prompts and the empty prompt (the sampler's other branch)."""
+    prompts = []
+    for i, lf in enumerate(loras):
+        c = lf.meta.get("concept")
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"LoRA #{i + 1} has no single concept in its metadata; the distill merge needs to know "
+                             "what each LoRA erases (use LoRAs saved by Erase Concept, or another mode)")
+        words = [c.strip(), *[w for w in lf.meta.get("synonyms") or [] if isinstance(w, str) and w.strip()]]
+        prompts.append([p for w in words for p in default_prompts(w)])
+    return prompts, [p for w in preserve for p in default_prompts(w)] + [""]
+
+
 def loss_curve(history: list[StepLog]) -> Image.Image:
     series: dict[str, list[tuple[float, float]]] = {}
     for entry in history:

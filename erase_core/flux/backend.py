@@ -84,6 +84,9 @@ class DiffusersFlux:
     def lora_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
 
+    def enable_training(self) -> None:
+        """Nothing to do: diffusers' Flux is differentiable as it is (the ComfyUI backend checkpoints its blocks)."""
+
     def teacher(self):
         """Context manager: the frozen base (LoRA off)."""
         from ..lora import teacher_mode

@@ -271,6 +271,11 @@ class ComfyFlux:
             p.requires_grad_(True)
         return params
 
+    def enable_training(self) -> None:
+        """Make the MODEL's forward differentiable for trainers that bring their own parameters (the distilled
+        merge's hooked LoRA): every block checkpointed on cloned inputs (ComfyUI's blocks add residuals in place)."""
+        self._checkpoint_blocks()
+
     def _load(self) -> None:
         """(Re)load the patcher so its weight wrappers are live, and checkpoint each block for autograd."""
         import comfy.model_management as mm

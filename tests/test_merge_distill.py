@@ -1,0 +1,112 @@
+"""The distilled merge: delta hooks, its objective, its CLI."""
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from erase_core.flux.deltas import added_deltas, folded_factors
+from erase_core.lora import apply_lora
+from erase_core.lora_file import LoraFile, LoraModule, read_lora_file, write_lora_file
+from erase_core.merge import MergeConfig, merge
+from erase_core.merge_distill import DistillConfig, distill
+
+TINY = DistillConfig(steps=4, batch=2, images=2, preserve_images=2, sample_steps=2)
+
+
+def _random_lora(world, seed: int, scale: float = 0.05, rank: int = 2) -> LoraFile:
+    g = torch.Generator().manual_seed(seed)
+    backend = world.backend()
+    mods = {}
+    for b in range(world.cfg.double_blocks):
+        for t in ("add_k_proj", "add_v_proj"):
+            name = f"transformer_blocks.{b}.attn.{t}"
+            lin, _ = backend.linear(name)
+            mods[name] = LoraModule(torch.randn(rank, lin.in_features, generator=g) * scale,
+                                    torch.randn(lin.out_features, rank, generator=g) * scale, float(rank))
+    return LoraFile(mods, {"concept": ["red", "west"][seed % 2]})
+
+
+def test_added_deltas_equal_the_loaded_lora(world):
+    lf = _random_lora(world, 0, scale=0.2)
+    x, t, text = world.noise(2, 0), torch.tensor([0.3, 0.8]), world.encode(["a red shape", "a circle"])
+    backend = world.backend()
+    with torch.no_grad():
+        base = backend.velocity(x, t, text)
+        with added_deltas(backend, folded_factors(lf)):
+            hooked = backend.velocity(x, t, text)
+        loaded = world.backend(apply_lora(copy.deepcopy(world.transformer), lf)).velocity(x, t, text)
+        after = backend.velocity(x, t, text)
+    assert (hooked - base).abs().max() > 1e-2  # the delta does something
+    assert torch.allclose(hooked, loaded, atol=1e-5)
+    assert torch.equal(after, base)  # hooks removed on exit
+
+
+def test_added_deltas_touch_only_the_named_rows_of_a_fused_projection():
+    fused = nn.Linear(4, 9)
+
+    class Fused:  # ComfyUI's qkv: the k rows are 3..6, given as (offset, length)
+        def linear(self, name):
+            return fused, (3, 3)
+
+    down, up = torch.randn(2, 4), torch.randn(3, 2)
+    x = torch.randn(5, 4)
+    with added_deltas(Fused(), {"k": (down, up)}):
+        out = fused(x)
+    want = fused(x)
+    want[:, 3:6] += x @ down.T @ up.T
+    assert torch.allclose(out, want, atol=1e-6)
+    with pytest.raises(ValueError, match="another geometry"):
+        with added_deltas(Fused(), {"k": (torch.randn(2, 5), up)}):
+            pass
+
+
+def test_distill_starts_at_zero_when_the_merge_already_is_the_lora(world):
+    lf = _random_lora(world, 0)
+    cfg = dataclasses.replace(TINY, steps=1, preserve_weight=0.0)
+    _, history = distill(world, [lf], lf, [["a red shape"]], [""], cfg)
+    assert history[0]["teachers"] < 1e-10  # teacher i is the base + ΔW_i, the student the base + the same ΔW
+
+
+def test_distill_lowers_its_objective_and_keeps_the_layout(world):
+    loras = [_random_lora(world, s) for s in (0, 1)]
+    init = merge(loras, MergeConfig(mode="normalized"))  # half of each: far from either teacher
+    cfg = DistillConfig(steps=40, lr=1e-2, batch=4, images=4, preserve_images=4, sample_steps=2)
+    merged, history = distill(world, loras, init, [["a red shape"], ["a shape in the west"]], ["a moon", ""], cfg)
+    first = sum(h["teachers"] for h in history[:5]) / 5
+    last = sum(h["teachers"] for h in history[-5:]) / 5
+    assert last < 0.5 * first
+    assert set(merged.modules) == set(init.modules)
+    assert all(merged.modules[k].shape == init.modules[k].shape for k in init.modules)
+    assert merged.meta["merge"]["mode"] == "distill" and merged.meta["merge"]["distill"]["steps"] == 40
+
+
+def test_bad_distill_input_is_named(world):
+    lf = _random_lora(world, 0)
+    for bad, field in [({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"preserve_weight": float("nan")},
+                                                                        "preserve_weight"),
+                       ({"t_range": (0.5, 0.2)}, "t_range")]:
+        with pytest.raises(ValueError, match=field):
+            DistillConfig(**bad)
+    with pytest.raises(ValueError, match="prompt list for each"):
+        distill(world, [lf, lf], lf, [["a red shape"]], [""], TINY)
+    with pytest.raises(ValueError, match="weights"):
+        distill(world, [lf], lf, [["a red shape"]], [""], TINY, weights=[0.0])
+    with pytest.raises(ValueError, match="distill_merge"):
+        merge([lf, lf], MergeConfig(mode="distill"))
+
+
+def test_merge_command_distills(tmp_path, capsys, world):
+    from erase_core.cli import main
+
+    paths = [write_lora_file(_random_lora(world, s), tmp_path / f"{s}.safetensors") for s in (0, 1)]
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", *map(str, paths), "--mode", "distill", "--distill-steps", "2", "--distill-batch", "2",
+                 "--distill-images", "2", "--preserve", "moon",
+                 "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "distill"
+    merged = read_lora_file(out)
+    assert merged.meta["method"] == "merge:distill" and merged.meta["merge"]["init"] == "closed_form"
+    assert merged.meta["merge"]["distill"]["steps"] == 2
