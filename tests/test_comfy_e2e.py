@@ -382,24 +382,27 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes(server, results):
     results["timings"]["cancel_then_resume"] = round(secs, 2)
 
 
-def test_closed_form_merge_in_comfyui(server, results):
-    """Merge Erase LoRAs in closed_form mode reads each LoRA's concept from its metadata, collects the inputs on the
-    linked sandbox MODEL, and saves the merged LoRA."""
+def _merge_graph(results: dict, name: str, **inputs) -> dict:
+    """Merge Erase LoRAs on two erase LoRAs the merge workflow left, with the linked sandbox MODEL and CLIP."""
     names = [n for n in results["loras"] if (loras_dir() / n).is_file() and "merge_erase" in n]
     if len(names) < 2:
         pytest.fail(f"the merge workflow left no two erase LoRAs to merge (found {results['loras']})")
-    name = f"{RUN}_closed_form"
     results["loras"].append(f"{name}.safetensors")
-    graph = {
+    return {
         "1": {"class_type": "EraseFlux_SandboxLoader", "inputs": {}},
         "2": {"class_type": "EraseFlux_MergeLoras", "inputs": {
             "lora_1": f"erase_flux/{names[0]}", "weight_1": 1.0, "lora_2": f"erase_flux/{names[1]}", "weight_2": 1.0,
-            "lora_3": "none", "weight_3": 1.0, "lora_4": "none", "weight_4": 1.0, "mode": "closed_form", "rank": 0,
-            "name": name, "preserve": "green, north", "preserve_weight": 1000.0, "width": 32, "height": 32,
-            "model": ["1", 0], "clip": ["1", 1]}},
+            "lora_3": "none", "weight_3": 1.0, "lora_4": "none", "weight_4": 1.0, "rank": 0, "name": name,
+            "preserve_weight": 1000.0, "width": 32, "height": 32, "model": ["1", 0], "clip": ["1", 1], **inputs}},
         "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
     }
-    entry, secs = server.run(graph)
+
+
+def test_closed_form_merge_in_comfyui(server, results):
+    """Merge Erase LoRAs in closed_form mode reads each LoRA's concept from its metadata, collects the inputs on the
+    linked sandbox MODEL, and saves the merged LoRA."""
+    name = f"{RUN}_closed_form"
+    entry, secs = server.run(_merge_graph(results, name, mode="closed_form", preserve="green, north"))
     results["timings"]["closed_form_merge"] = round(secs, 2)
     assert entry["status"]["status_str"] == "success", error_of(entry)
     assert (loras_dir() / f"{name}.safetensors").is_file()
@@ -410,22 +413,9 @@ def test_distill_merge_in_comfyui(server, results):
     own Flux, the deltas hooked onto the fused txt_attn.qkv rows) and saves it with the distillation's metadata."""
     from erase_core.lora_file import read_lora_file
 
-    names = [n for n in results["loras"] if (loras_dir() / n).is_file() and "merge_erase" in n]
-    if len(names) < 2:
-        pytest.fail(f"the merge workflow left no two erase LoRAs to merge (found {results['loras']})")
     name = f"{RUN}_distill"
-    results["loras"].append(f"{name}.safetensors")
-    graph = {
-        "1": {"class_type": "EraseFlux_SandboxLoader", "inputs": {}},
-        "2": {"class_type": "EraseFlux_MergeLoras", "inputs": {
-            "lora_1": f"erase_flux/{names[0]}", "weight_1": 1.0, "lora_2": f"erase_flux/{names[1]}", "weight_2": 1.0,
-            "lora_3": "none", "weight_3": 1.0, "lora_4": "none", "weight_4": 1.0, "mode": "distill", "rank": 0,
-            "name": name, "preserve": "green", "preserve_weight": 1000.0, "distill_steps": 3, "distill_batch": 2,
-            "distill_images": 4, "cfg": 3.0,
-            "width": 32, "height": 32, "model": ["1", 0], "clip": ["1", 1]}},
-        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
-    }
-    entry, secs = server.run(graph)
+    entry, secs = server.run(_merge_graph(results, name, mode="distill", preserve="green", distill_steps=3,
+                                          distill_batch=2, distill_images=4, cfg=3.0))
     results["timings"]["distill_merge"] = round(secs, 2)
     assert entry["status"]["status_str"] == "success", error_of(entry)
     merged = read_lora_file(loras_dir() / f"{name}.safetensors")

@@ -145,18 +145,24 @@ def default_prompts(word: str) -> list[str]:
     return [f"a photo of {word}", f"{word}", f"an image of {word}"]
 
 
+def lora_concepts(loras: list[LoraFile], mode: str) -> list[str]:
+    """The word each LoRA erases, from its metadata (the model-based merge modes need it)."""
+    names = []
+    for i, lf in enumerate(loras):
+        c = lf.meta.get("concept")
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"LoRA #{i + 1} has no single concept in its metadata; the {mode} merge needs to "
+                             "know what each LoRA erases (use LoRAs saved by Erase Concept, or another mode)")
+        names.append(c.strip())
+    return names
+
+
 def closed_form_merge_inputs(world: ComfyWorld, loras: list[LoraFile], preserve: list[str]):
     """The closed-form merge's inputs on ComfyUI's MODEL: each LoRA's concept (from its metadata) and the words to
     preserve, as the rows every target module sees at those words' tokens."""
     from ..kv_edit import word_module_inputs
 
-    names = []
-    for i, lf in enumerate(loras):
-        c = lf.meta.get("concept")
-        if not isinstance(c, str) or not c.strip():
-            raise ValueError(f"LoRA #{i + 1} has no single concept in its metadata; the closed_form merge needs to "
-                             "know what each LoRA erases (use LoRAs saved by Erase Concept, or another mode)")
-        names.append(c.strip())
+    names = lora_concepts(loras, "closed_form")
     modules = sorted(loras[0].modules)
     concept_inputs = [word_module_inputs(world, w, default_prompts(w), modules) for w in names]
     preserve_inputs = None
@@ -170,12 +176,8 @@ def distill_merge_prompts(loras: list[LoraFile], preserve: list[str]) -> tuple[l
     """The distilled merge's prompts on ComfyUI: per LoRA, the default prompts of its concept and of the synonyms
     in its metadata; the preserved words' default prompts and the empty prompt (the sampler's other branch)."""
     prompts = []
-    for i, lf in enumerate(loras):
-        c = lf.meta.get("concept")
-        if not isinstance(c, str) or not c.strip():
-            raise ValueError(f"LoRA #{i + 1} has no single concept in its metadata; the distill merge needs to know "
-                             "what each LoRA erases (use LoRAs saved by Erase Concept, or another mode)")
-        words = [c.strip(), *[w for w in lf.meta.get("synonyms") or [] if isinstance(w, str) and w.strip()]]
+    for c, lf in zip(lora_concepts(loras, "distill"), loras):
+        words = [c, *[w for w in lf.meta.get("synonyms") or [] if isinstance(w, str) and w.strip()]]
         prompts.append([p for w in words for p in default_prompts(w)])
     return prompts, [p for w in preserve for p in default_prompts(w)] + [""]
 
