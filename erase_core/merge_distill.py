@@ -112,8 +112,10 @@ def _pool(world, backend, prompts: list[str], x0: torch.Tensor, factors, gen: to
 
 
 def _sample(world, prompts: list[str], seed: int, cfg: DistillConfig) -> torch.Tensor:
+    """Samples of ``prompts``, ``cfg.batch`` at a time (sample k has noise seed ``seed + k`` in any chunking)."""
     kw = {} if cfg.sample_steps is None else {"steps": cfg.sample_steps}
-    return world.sample_latents(prompts, seed=seed, **kw)
+    return torch.cat([world.sample_latents(prompts[i:i + cfg.batch], seed=seed + i, **kw)
+                      for i in range(0, len(prompts), cfg.batch)])
 
 
 def distill_pools(world, loras: list[LoraFile], prompts: list[list[str]], preserve_prompts: list[str],
