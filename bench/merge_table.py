@@ -33,6 +33,7 @@ from erase_core.train import EraseConfig, erase  # noqa: E402
 
 log = logging.getLogger("bench")
 KEEP = ("moon", "green", "north", "southeast")  # never erased: the Acc_ir witnesses
+COMPOSITE = ("a green moon in the north", "a green moon at the southeast")  # held out from every merge mode
 _AXES = [[c for c in CONCEPTS if CONCEPTS[c].axis == a and c not in KEEP] for a in ("shape", "colour", "placement")]
 #: the 20 erased concepts, axes interleaved so that every prefix (3, 5, 10 LoRAs) mixes categories
 ORDER = tuple(c for i in range(8) for axis in _AXES for c in axis[i:i + 1])
@@ -102,14 +103,17 @@ def main():
     single = {c: rate(world, c, args.samples, with_lora(world, loras[c])) for c in ORDER}
     log.info("base %s\nsingle %s", base, single)
 
-    held_out = [(c, concept_prompt(s, CONCEPTS[c].axis)) for c in KEEP for s in CONCEPTS[c].synonyms]
+    # the kept concepts under their synonyms (distill trains on these; the other modes never see them), and in
+    # composite prompts that no mode trains on: each concept of the prompt must be found
+    synonyms = [(c, concept_prompt(s, CONCEPTS[c].axis)) for c in KEEP for s in CONCEPTS[c].synonyms]
+    composite = [(c, p) for p in COMPOSITE for c in KEEP if c in p.split()]
 
-    def held_out_rate(model=None):  # the kept concepts under their synonyms: prompts no merge mode trains on
-        return sum(found_rate(world, p, c, args.samples, seed=4242, transformer=model) for c, p in held_out)
+    def total(pairs, model=None):
+        return sum(found_rate(world, p, c, args.samples, seed=4242, transformer=model) for c, p in pairs)
 
-    base_held_out = held_out_rate()
+    base_synonyms, base_composite = total(synonyms), total(composite)
 
-    def evaluate(names, lf, synonyms=False):
+    def evaluate(names, lf, witnesses=False):
         model = with_lora(world, lf)
         erased = {c: rate(world, c, args.samples, model) for c in names}
         kept = {c: rate(world, c, args.samples, model) for c in KEEP}
@@ -120,8 +124,9 @@ def main():
                "min_efficacy_share": min(share.values()),
                "concepts_at_90": sum(v >= 0.9 for v in share.values()),
                "acc_ir_of_base": 100 * sum(kept.values()) / max(sum(base[c] for c in KEEP), 1e-9)}
-        if synonyms:
-            out["acc_ir_synonyms_of_base"] = 100 * held_out_rate(model) / max(base_held_out, 1e-9)
+        if witnesses:
+            out["acc_ir_synonyms_of_base"] = 100 * total(synonyms, model) / max(base_synonyms, 1e-9)
+            out["acc_ir_composite_of_base"] = 100 * total(composite, model) / max(base_composite, 1e-9)
         return out
 
     def merged_with(mode: str, names) -> LoraFile:
@@ -142,7 +147,7 @@ def main():
     for mode in MODES:
         t = time.time()
         merged = merged_with(mode, ORDER)
-        results[mode] = {"merge_seconds": time.time() - t, **evaluate(ORDER, merged, synonyms=True),
+        results[mode] = {"merge_seconds": time.time() - t, **evaluate(ORDER, merged, witnesses=True),
                          "preserve_weight": MergeConfig().preserve_weight if mode in ("closed_form", "distill")
                          else None}
         log.info("%s: mean share %.2f, Acc_ir %.1f%%", mode, results[mode]["mean_efficacy_share"],
@@ -161,20 +166,23 @@ def main():
                      "share of single-LoRA erasure kept", "LoRAs merged", "%", ylim=(0, 110)).save(
         args.out / "dilution.png")
     report = {"machine": machine, "samples": args.samples, "erased": list(ORDER), "kept": list(KEEP), "base": base,
-              "base_held_out_synonyms": base_held_out, "distill_config": DistillConfig().to_dict(),
+              "base_synonyms": base_synonyms, "base_composite": base_composite, "composite_prompts": list(COMPOSITE),
+              "distill_config": DistillConfig().to_dict(),
               "single": single, "train_seconds": train_s, "modes": results, "sweep": sweep,
               "interference": summary}
     atomic_write_text(args.out / "table.json", json.dumps(report, indent=2))
     md = [f"Merging {len(ORDER)} erase-LoRAs on the sandbox ({args.samples} samples per prompt; {machine}).", "",
           "| mode | mean share of single-LoRA erasure kept | concepts ≥ 90 % kept | worst concept | Acc_ir (% of base) "
-          "| Acc_ir, synonyms (% of base) | merge s |",
-          "|---|---|---|---|---|---|---|"]
+          "| Acc_ir, synonyms (% of base) | Acc_ir, composite prompts (% of base) | merge s |",
+          "|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         worst = min(r["efficacy_share"], key=r["efficacy_share"].get)
-        label = f"{mode} (λ = {r['preserve_weight']:g})" if r.get("preserve_weight") is not None else mode
+        label = {"closed_form": f"closed_form (λ = {r['preserve_weight']:g})",
+                 "distill": f"distill (from closed_form λ = {r['preserve_weight']:g})"}.get(mode, mode)
         md.append(f"| {label} | {100 * r['mean_efficacy_share']:.0f}% | {r['concepts_at_90']} / {len(ORDER)} "
                   f"| {worst} {100 * r['efficacy_share'][worst]:.0f}% | {r['acc_ir_of_base']:.0f}% "
-                  f"| {r['acc_ir_synonyms_of_base']:.0f}% | {r['merge_seconds']:.1f} |")
+                  f"| {r['acc_ir_synonyms_of_base']:.0f}% | {r['acc_ir_composite_of_base']:.0f}% "
+                  f"| {r['merge_seconds']:.1f} |")
     md += ["", "| LoRAs merged | " + " | ".join(sweep) + " |", "|---|" + "---|" * len(sweep)]
     for i, n in enumerate((3, 5, 10, 20)):
         md.append(f"| {n} | " + " | ".join(f"{100 * sweep[m][i]['mean_efficacy_share']:.0f}% "

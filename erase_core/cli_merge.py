@@ -47,13 +47,15 @@ def closed_form_inputs(world, loras, preserve: list[str] | None):
 
 def distill_prompts(loras, preserve: list[str] | None) -> tuple[list[list[str]], list[str]]:
     """Sandbox prompts of the distilled merge: per LoRA, the plain prompt of its concept under every alias; the
-    plain prompts of the kept concepts and the empty prompt (the sampler's unconditional branch)."""
+    same for every kept concept, and the empty prompt (the sampler's unconditional branch). Kept concepts are kept
+    under every name because erased and kept names share tokens (``topright`` is ``top`` + ``right``): trained on
+    ``a shape in the north`` alone, the merge learnt to erase ``top`` with ``topright`` (bench/merge_table.py)."""
     from .sandbox.prompts import concept_prompt
     from .sandbox.world import CONCEPTS
 
     names = lora_concepts(loras)
     prompts = [[concept_prompt(a, CONCEPTS[n].axis) for a in CONCEPTS[n].aliases] for n in names]
-    keep = [concept_prompt(c, CONCEPTS[c].axis) for c in kept_concepts(names, preserve)]
+    keep = [concept_prompt(a, CONCEPTS[c].axis) for c in kept_concepts(names, preserve) for a in CONCEPTS[c].aliases]
     return prompts, [*keep, ""]
 
 
