@@ -46,7 +46,9 @@ class MergeLoras(io.ComfyNode):
             io.String.Input("name", default="merged_erase", tooltip="File name of the merged LoRA under "
                             "models/loras/erase_flux/."),
             io.String.Input("preserve", default="", optional=True, tooltip="closed_form/distill: words whose behaviour "
-                            "must not change, comma-separated (e.g. the erased concepts' neighbours)."),
+                            "must not change, comma-separated (e.g. the erased concepts' neighbours). For distill "
+                            "list their synonyms too: it keeps exactly what it is shown (on the sandbox, kept as "
+                            "'north' alone, 'top' was erased along with the merged 'topright')."),
             io.Float.Input("preserve_weight", default=1000.0, min=0.0, max=1e6, step=10.0, optional=True,
                            tooltip="closed_form/distill: λ, how hard the preserved words are kept (measured on the sandbox: "
                                    "1000 kept other concepts at 94 % of base)."),
