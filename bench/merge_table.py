@@ -4,6 +4,7 @@ every concept; dilution of `normalized` against the number of LoRAs; merge time 
 Usage: python bench/merge_table.py [--samples 32] [--out bench/results/merge] [--threads 2]
        (every mode; `distill` trains through the sandbox model, DistillConfig's defaults, ~4 min per merge on 1 core)
        python bench/merge_table.py --timing-only     # 20 random LoRAs of Flux-dev geometry, every mode, timed
+       python bench/merge_table.py --markdown-only   # table.md again from table.json
 LoRAs are cached in OUT/loras (delete them to retrain). Writes table.md, table.json, dilution.png, interference.png.
 """
 import argparse
@@ -76,12 +77,16 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="erase steps per concept (default: EraseConfig's)")
     p.add_argument("--out", type=Path, default=Path("bench/results/merge"))
     p.add_argument("--timing-only", action="store_true")
+    p.add_argument("--markdown-only", action="store_true", help="re-render OUT/table.md from OUT/table.json")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if args.markdown_only:
+        write_markdown(json.loads((args.out / "table.json").read_text()), args.out)
+        return
     if args.timing_only:  # run it on an otherwise idle machine
         timing = {"machine": machine, "seconds": flux_dev_timing()}
         atomic_write_text(args.out / "flux_dev_timing.json", json.dumps(timing, indent=2))
@@ -171,25 +176,34 @@ def main():
               "single": single, "train_seconds": train_s, "modes": results, "sweep": sweep,
               "interference": summary}
     atomic_write_text(args.out / "table.json", json.dumps(report, indent=2))
-    md = [f"Merging {len(ORDER)} erase-LoRAs on the sandbox ({args.samples} samples per prompt; {machine}).", "",
+    write_markdown(report, args.out)
+
+
+def write_markdown(report: dict, out: Path) -> None:
+    """table.md from a table.json report (``--markdown-only`` re-renders it without measuring again)."""
+    results, sweep, n_erased = report["modes"], report["sweep"], len(report["erased"])
+    md = [f"Merging {n_erased} erase-LoRAs on the sandbox ({report['samples']} samples per prompt; "
+          f"{report['machine']}).", "",
           "| mode | mean share of single-LoRA erasure kept | concepts ≥ 90 % kept | worst concept | Acc_ir (% of base) "
           "| Acc_ir, synonyms (% of base) | Acc_ir, composite prompts (% of base) | merge s |",
           "|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         worst = min(r["efficacy_share"], key=r["efficacy_share"].get)
-        label = {"closed_form": f"closed_form (λ = {r['preserve_weight']:g})",
-                 "distill": f"distill (from closed_form λ = {r['preserve_weight']:g})"}.get(mode, mode)
-        md.append(f"| {label} | {100 * r['mean_efficacy_share']:.0f}% | {r['concepts_at_90']} / {len(ORDER)} "
+        label = mode
+        if mode == "closed_form":
+            label = f"closed_form (λ = {r['preserve_weight']:g})"
+        elif mode == "distill":
+            label = f"distill (from closed_form λ = {r['preserve_weight']:g})"
+        md.append(f"| {label} | {100 * r['mean_efficacy_share']:.0f}% | {r['concepts_at_90']} / {n_erased} "
                   f"| {worst} {100 * r['efficacy_share'][worst]:.0f}% | {r['acc_ir_of_base']:.0f}% "
                   f"| {r['acc_ir_synonyms_of_base']:.0f}% | {r['acc_ir_composite_of_base']:.0f}% "
                   f"| {r['merge_seconds']:.1f} |")
     md += ["", "| LoRAs merged | " + " | ".join(sweep) + " |", "|---|" + "---|" * len(sweep)]
-    for i, n in enumerate((3, 5, 10, 20)):
+    for i, n in enumerate(s["n"] for s in next(iter(sweep.values()))):
         md.append(f"| {n} | " + " | ".join(f"{100 * sweep[m][i]['mean_efficacy_share']:.0f}% "
                                            f"(Acc_ir {sweep[m][i]['acc_ir_of_base']:.0f}%)" for m in sweep) + " |")
-    atomic_write_text(args.out / "table.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
     print("\n".join(md))
-
 
 if __name__ == "__main__":
     main()
