@@ -11,16 +11,10 @@ log = logging.getLogger("erase_flux")
 
 def lora_concepts(loras) -> list[str]:
     """The sandbox concept each LoRA erases, from its metadata."""
+    from .merge import lora_concepts as words
     from .sandbox.world import concept as lookup
 
-    names = []
-    for i, lf in enumerate(loras):
-        c = lf.meta.get("concept")
-        if not isinstance(c, str):
-            raise ValueError(f"LoRA {i + 1} has no concept in its metadata; closed_form and distill need to know what "
-                             "each LoRA erases (use another mode, or LoRAs made by `erase`)")
-        names.append(lookup(c).name)
-    return names
+    return [lookup(w).name for w in words(loras, "closed_form/distill")]
 
 
 def kept_concepts(names: list[str], preserve: list[str] | None) -> list[str]:

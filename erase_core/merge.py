@@ -73,6 +73,19 @@ def merge_weights(n: int, weights, mode: str) -> list[float]:
     return w
 
 
+def lora_concepts(loras: list[LoraFile], mode: str) -> list[str]:
+    """The word each LoRA erases, from its metadata (the modes that work on the model need it)."""
+    names = []
+    for i, lf in enumerate(loras):
+        c = lf.meta.get("concept")
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"LoRA #{i + 1} has no single concept in its metadata; the {mode} merge needs to know "
+                             "what each LoRA erases (use LoRAs made by the erase command or the Erase Concept node, "
+                             "or another mode)")
+        names.append(c.strip())
+    return names
+
+
 def check_compatible(loras: list[LoraFile], names: list[str] | None = None) -> None:
     """All LoRAs must target the same modules with the same shapes, made for the same geometry."""
     names = names or [f"LoRA {i + 1}" for i in range(len(loras))]

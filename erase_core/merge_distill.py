@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -27,6 +27,8 @@ from .flux.backend import TextCond
 from .flux.deltas import added_deltas, folded_factors
 from .flux.flow import noised
 from .lora_file import LoraFile, LoraModule
+from .merge import merge, merge_weights
+from .train import lr_at
 
 log = logging.getLogger("erase_flux")
 
@@ -96,7 +98,7 @@ def _cycle(prompts: list[str], n: int) -> list[str]:
 
 @torch.no_grad()
 def _pool(world, backend, prompts: list[str], x0: torch.Tensor, factors, gen: torch.Generator,
-          cfg: DistillConfig) -> _Pool:
+          cfg: DistillConfig, owner: int = 0) -> _Pool:
     """Noise ``x0`` (one row per prompt) to random times and record the velocity of the base + ``factors``."""
     unique = sorted(set(prompts))
     index = torch.tensor([unique.index(p) for p in prompts])
@@ -108,7 +110,7 @@ def _pool(world, backend, prompts: list[str], x0: torch.Tensor, factors, gen: to
     with added_deltas(backend, factors):
         v = torch.cat([backend.velocity(x_t[i:i + cfg.batch], t[i:i + cfg.batch], text.select(index[i:i + cfg.batch]))
                        for i in range(0, len(x_t), cfg.batch)])
-    return _Pool(x_t, t, index, v, text, torch.zeros(len(x_t), dtype=torch.long))
+    return _Pool(x_t, t, index, v, text, torch.full((len(x_t),), owner, dtype=torch.long))
 
 
 def _sample(world, prompts: list[str], seed: int, cfg: DistillConfig) -> torch.Tensor:
@@ -135,9 +137,7 @@ def distill_pools(world, loras: list[LoraFile], prompts: list[list[str]], preser
         x_base = _sample(world, rows, cfg.seed + 1000 * i, cfg)
         with added_deltas(backend, factors):
             x_lora = _sample(world, rows, cfg.seed + 1000 * i + 500, cfg)
-        pool = _pool(world, backend, rows + rows, torch.cat([x_base, x_lora]), factors, gen, cfg)
-        pool.owner.fill_(i)
-        teach.append(pool)
+        teach.append(_pool(world, backend, rows + rows, torch.cat([x_base, x_lora]), factors, gen, cfg, owner=i))
     rows = _cycle(preserve_prompts, cfg.preserve_images)
     kept = _pool(world, backend, rows, _sample(world, rows, cfg.seed + 999_000, cfg), {}, gen, cfg)
     return _concat(teach), kept
@@ -167,9 +167,8 @@ def distill(world, loras: list[LoraFile], init: LoraFile, prompts: list[list[str
     :func:`~erase_core.train.trainable_copy` of a ComfyUI MODEL, whose weights were loaded under inference mode and
     cannot join autograd; the teachers' passes need no gradient and run on the world's own model.
     """
-    w = torch.tensor(weights if weights is not None else [1.0] * len(loras), dtype=torch.float32)
-    if len(w) != len(loras) or (w < 0).any() or not w.sum() > 0:
-        raise ValueError(f"weights {w.tolist()}: give one weight ≥ 0 per LoRA, not all zero")
+    shares = merge_weights(len(loras), weights, "distill")
+    w = torch.tensor(shares, dtype=torch.float32)
     w = w * len(w) / w.sum()  # mean 1: equal weights give the plain mean over rows
     missing = sorted(set(loras[0].modules) ^ set(init.modules))
     if missing:
@@ -195,9 +194,8 @@ def distill(world, loras: list[LoraFile], init: LoraFile, prompts: list[list[str
             loss = l_teach + cfg.preserve_weight * l_keep
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"distill step {step}: loss is {loss.item()}; lower lr (now {cfg.lr})")
-            if cfg.lr_schedule == "cosine":
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg.lr, cfg.lr_schedule, step, cfg.steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -206,11 +204,9 @@ def distill(world, loras: list[LoraFile], init: LoraFile, prompts: list[list[str
                 progress(step, history[-1])
     modules = {name: LoraModule(a.detach().float().cpu(), b.detach().float().cpu(), float(a.shape[0]))
                for name, (a, b) in params.items()}
-    meta = dict(init.meta)
-    meta["method"] = "merge:distill"
-    meta.setdefault("merge", {})
-    meta["merge"] = {**meta["merge"], "mode": "distill", "init": init.meta.get("merge", {}).get("mode"),
-                     "distill": cfg.to_dict(), "final_loss": history[-1] if history else None}
+    meta = {**init.meta, "method": "merge:distill"}
+    meta["merge"] = {**init.meta.get("merge", {}), "mode": "distill", "init": init.meta.get("merge", {}).get("mode"),
+                     "weights": shares, "distill": cfg.to_dict(), "final_loss": history[-1] if history else None}
     return LoraFile(modules, meta), history
 
 
@@ -221,13 +217,6 @@ def distill_merge(world, loras: list[LoraFile], config, prompts: list[list[str]]
                   transformer=None) -> tuple[LoraFile, list[dict]]:
     """Mode ``distill``: the closed-form merge (``config``'s λ, ridge, rank and weights; inputs as for
     ``closed_form``), then :func:`distill` through ``world``'s model (or ``transformer``)."""
-    from dataclasses import replace
-
-    from .merge import merge, merge_weights
-
     init = merge(loras, replace(config, mode="closed_form"), concept_inputs, preserve_inputs, names=names)
-    w = merge_weights(len(loras), config.weights, "distill")
-    merged, history = distill(world, loras, init, prompts, preserve_prompts, distill_cfg, weights=w, progress=progress,
-                              transformer=transformer)
-    merged.meta["merge"]["weights"] = w
-    return merged, history
+    return distill(world, loras, init, prompts, preserve_prompts, distill_cfg, weights=config.weights,
+                   progress=progress, transformer=transformer)

@@ -182,12 +182,17 @@ def trainable_copy(model):
     return copy.deepcopy(model)
 
 
+def lr_at(lr: float, schedule: str, step: int, steps: int, warmup_steps: int = 0) -> float:
+    """Learning rate of step ``step`` (0-based) of ``steps``: linear warm-up, then constant or cosine-decayed."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "constant":
+        return lr * warm
+    return lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def scheduled_lr(config: EraseConfig, step: int) -> float:
     """Learning rate of outer step ``step`` (0-based) under ``config.lr_schedule``."""
-    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-    if config.lr_schedule == "constant":
-        return config.lr * warm
-    return config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+    return lr_at(config.lr, config.lr_schedule, step, config.steps, config.warmup_steps)
 
 
 @dataclass

@@ -145,22 +145,11 @@ def default_prompts(word: str) -> list[str]:
     return [f"a photo of {word}", f"{word}", f"an image of {word}"]
 
 
-def lora_concepts(loras: list[LoraFile], mode: str) -> list[str]:
-    """The word each LoRA erases, from its metadata (the model-based merge modes need it)."""
-    names = []
-    for i, lf in enumerate(loras):
-        c = lf.meta.get("concept")
-        if not isinstance(c, str) or not c.strip():
-            raise ValueError(f"LoRA #{i + 1} has no single concept in its metadata; the {mode} merge needs to "
-                             "know what each LoRA erases (use LoRAs saved by Erase Concept, or another mode)")
-        names.append(c.strip())
-    return names
-
-
 def closed_form_merge_inputs(world: ComfyWorld, loras: list[LoraFile], preserve: list[str]):
     """The closed-form merge's inputs on ComfyUI's MODEL: each LoRA's concept (from its metadata) and the words to
     preserve, as the rows every target module sees at those words' tokens."""
     from ..kv_edit import word_module_inputs
+    from ..merge import lora_concepts
 
     names = lora_concepts(loras, "closed_form")
     modules = sorted(loras[0].modules)
@@ -175,6 +164,8 @@ def closed_form_merge_inputs(world: ComfyWorld, loras: list[LoraFile], preserve:
 def distill_merge_prompts(loras: list[LoraFile], preserve: list[str]) -> tuple[list[list[str]], list[str]]:
     """The distilled merge's prompts on ComfyUI: per LoRA, the default prompts of its concept and of the synonyms
     in its metadata; the preserved words' default prompts and the empty prompt (the sampler's other branch)."""
+    from ..merge import lora_concepts
+
     prompts = []
     for c, lf in zip(lora_concepts(loras, "distill"), loras):
         words = [c, *[w for w in lf.meta.get("synonyms") or [] if isinstance(w, str) and w.strip()]]
