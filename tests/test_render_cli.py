@@ -53,6 +53,7 @@ def test_help_lists_subcommands():
     (["inspect", "--prompt", "p", "--word", "w", "--out", "x", "--steps", "a,b"], "--steps"),
     (["sandbox", "generate", "--prompt", "a", "--n", "0", "--out", "x.png"], "--n"),
     (["sandbox", "dance"], "action"),
+    (["sandbox", "check", "--shift", "0"], "--shift"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -84,19 +85,20 @@ def test_inspect_writes_grid_mask_and_json(tmp_path, world):
 
 
 def test_sandbox_check_takes_the_sampler_settings(tmp_path, capsys, monkeypatch):
-    """`sandbox check --steps/--cfg` reach the sampler and are recorded with the table."""
+    """`sandbox check --steps/--cfg/--shift` reach the sampler and are recorded with the table."""
     from erase_core.sandbox.pipeline import SandboxWorld
 
     seen = []
     original = SandboxWorld.sample
 
     def spy(self, prompts, seed=0, **kw):
-        seen.append((kw.get("steps"), kw.get("cfg_scale")))
+        seen.append((kw.get("steps"), kw.get("cfg_scale"), kw.get("shift")))
         return original(self, prompts, seed, **kw)
 
     monkeypatch.setattr(SandboxWorld, "sample", spy)
     out = tmp_path / "q"
-    main(["sandbox", "check", "--concepts", "north", "--samples", "2", "--steps", "3", "--cfg", "1.5", "--out", str(out)])
+    main(["sandbox", "check", "--concepts", "north", "--samples", "2", "--steps", "3", "--cfg", "1.5", "--shift", "3",
+          "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
-    assert (report["euler_steps"], report["cfg"]) == (3, 1.5)
-    assert seen and set(seen) == {(3, 1.5)}
+    assert (report["euler_steps"], report["cfg"], report["shift"], report["device"]) == (3, 1.5, 3.0, "cpu")
+    assert seen and set(seen) == {(3, 1.5, 3.0)}

@@ -68,7 +68,7 @@ class DiffusersFlux:
         if self.inner.config.guidance_embeds:
             guidance = torch.full((x.shape[0],), float(self.guidance), device=x.device, dtype=dtype)
         out = self.model(hidden_states=x.to(dtype), encoder_hidden_states=text.sequence.to(dtype),
-                         pooled_projections=text.pooled.to(dtype), timestep=t.to(dtype),
+                         pooled_projections=text.pooled.to(dtype), timestep=t.to(x.device, dtype),
                          img_ids=image_ids(h, w, x.device, dtype), txt_ids=text_ids(text.sequence.shape[1], x.device, dtype),
                          guidance=guidance, joint_attention_kwargs=attention_kwargs or None, return_dict=False)[0]
         return out.to(x.dtype)

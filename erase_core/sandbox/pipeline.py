@@ -59,9 +59,21 @@ class SandboxWorld:
         clf = _load_module(Classifier({a: len(v) for a, v in AXES.items()}), d / "classifier.safetensors")
         return cls(cfg, tok, te, ae, tr, clf)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to(self, device: str | torch.device) -> "SandboxWorld":
+        """Move every model to ``device`` (e.g. ``cuda``); noise is still drawn on the CPU, so seeds keep their images."""
+        for m in (self.text_encoder, self.autoencoder, self.transformer, self.classifier):
+            if m is not None:
+                m.to(device)
+        return self
+
     # --- text -------------------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return torch.tensor([e.ids for e in self.tokenizer.encode_batch(list(prompts))], dtype=torch.long)
+        ids = [e.ids for e in self.tokenizer.encode_batch(list(prompts))]
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def encode(self, prompts: list[str]) -> TextCond:
         ids = self.tokenize(prompts)
@@ -80,7 +92,7 @@ class SandboxWorld:
         """Packed initial noise, one generator per sample so that a seed means the same image in any batch."""
         c, s = self.cfg.latent_channels, self.cfg.latent_size
         lat = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
-        return pack_latents(lat)
+        return pack_latents(lat).to(self.device)
 
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], seed: int = 0, steps: int = 12, cfg_scale: float = 3.0,

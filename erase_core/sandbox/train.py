@@ -128,8 +128,8 @@ def train_classifier(ae: AutoEncoder, tc: SandboxTrainConfig) -> tuple[Classifie
 def classifier_accuracy(clf: Classifier, seed: int, n: int = 2048) -> dict[str, float]:
     """Accuracy per axis on clean held-out renders."""
     imgs, labels = scene_batch(random.Random(seed), n)
-    logits = clf(imgs)
-    return {a: (logits[a].argmax(-1) == labels[a]).float().mean().item() for a in AXES}
+    logits = clf(imgs.to(next(clf.parameters()).device))
+    return {a: (logits[a].argmax(-1).cpu() == labels[a]).float().mean().item() for a in AXES}
 
 
 def _lr(step: int, tc: SandboxTrainConfig) -> float:
