@@ -72,6 +72,10 @@ class EraseConcept(io.ComfyNode):
                 io.Int.Input("preview_every", default=10, min=0, max=1000, tooltip="Show a sample of the concept "
                              "prompt in the progress bar every N steps (0 = off)."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the preview samples."),
+                io.Boolean.Input("low_memory", default=False, optional=True, tooltip="Run the reverse "
+                                 "self-contrastive term one prompt at a time (same gradient, one more forward). "
+                                 "Flux-dev with fp8 weights at 1024²: peak 34.4 → 20.7 GiB, fits a 24 GB card; "
+                                 "each outer step 6 % slower at 1024², 37 % at 512² (H100)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="lora_name"),
                      io.Image.Output(display_name="loss_curves")])
@@ -94,7 +98,7 @@ class EraseConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, prompts, method, steps, lr, rank, eta, lambda_attn, lambda_preserve,
                 lambda_rsc, synonyms, irrelevant, preserve_prompts, seed, width, height, cfg, lora_name, resume,
-                preview_every, vae=None) -> io.NodeOutput:
+                preview_every, vae=None, low_memory=False) -> io.NodeOutput:
         import comfy.model_management
 
         stem = check_name(lora_name)
@@ -103,7 +107,8 @@ class EraseConcept(io.ComfyNode):
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         config = EraseConfig(method="esd" if method == "uce" else method, steps=steps, lr=lr, rank=rank, alpha=float(rank), eta=eta,
                              lambda_attn=lambda_attn, lambda_preserve=lambda_preserve, lambda_rsc=lambda_rsc,
-                             seed=seed, preview_every=preview_every if vae is not None else 0)
+                             seed=seed, preview_every=preview_every if vae is not None else 0,
+                             rsc_chunk=1 if low_memory else 0)
         progress = Progress(steps)
         with torch.inference_mode(False), torch.enable_grad():
             world = ComfyWorld(model, clip, latent_hw(width, height, vae), vae=vae, cfg_scale=cfg)
