@@ -108,6 +108,32 @@ def test_quality_bar(world):
     assert not failing, failing
 
 
+@pytest.mark.slow
+def test_quality_bar_step_22000_shifted_sampler():
+    """The step-22,000 weights with 24 Euler steps, CFG 3.5 and time shift 3 (the README's 88 / 88 row)."""
+    from erase_core.sandbox.check import quality_table
+    from erase_core.sandbox.pipeline import SandboxWorld, WEIGHTS_DIR
+
+    w22 = SandboxWorld.load(WEIGHTS_DIR.parent / "weights_22k")
+    results = quality_table(w22, samples=64, steps=24, cfg_scale=3.5, shift=3.0)
+    failing = [(r.probe.prompt, r.found) for r in results if r.found < 0.9]
+    assert not failing, failing
+
+
+def test_step_22000_weights_load_and_differ_only_in_the_trained_stage(world):
+    """weights_22k shares the tokenizer, autoencoder and classifier with the shipped weights; its text encoder and
+    transformer are the ones trained on to step 22,000."""
+    from erase_core.sandbox.pipeline import SandboxWorld, WEIGHTS_DIR
+
+    w22 = SandboxWorld.load(WEIGHTS_DIR.parent / "weights_22k")
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert same(w22.autoencoder, world.autoencoder) and same(w22.classifier, world.classifier)
+    assert not same(w22.transformer, world.transformer)
+    assert w22.tokenizer.to_str() == world.tokenizer.to_str()
+    img = w22.sample(["a red circle"], seed=3, steps=4, shift=3.0)
+    assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+
+
 def test_shipped_world_is_deterministic_and_seed_per_sample(world):
     a = world.sample(["a blue square"] * 3, seed=11, steps=4)
     b = world.sample(["a blue square"], seed=12, steps=4)
