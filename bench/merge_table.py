@@ -5,6 +5,8 @@ Usage: python bench/merge_table.py [--samples 32] [--out bench/results/merge] [-
        (every mode; `distill` trains through the sandbox model, DistillConfig's defaults, ~4 min per merge on 1 core)
        python bench/merge_table.py --timing-only     # 20 random LoRAs of Flux-dev geometry, every mode, timed
        python bench/merge_table.py --markdown-only   # table.md again from table.json
+       python bench/merge_table.py --update distill  # re-measure only these modes (rows and sweep) in OUT/table.json,
+                                                     # against its stored base and single-LoRA rates
 LoRAs are cached in OUT/loras (delete them to retrain). Writes table.md, table.json, dilution.png, interference.png.
 """
 import argparse
@@ -79,6 +81,7 @@ def main():
     p.add_argument("--timing-only", action="store_true")
     p.add_argument("--markdown-only", action="store_true", help="re-render OUT/table.md from OUT/table.json")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--update", default=None, help="comma-separated modes to re-measure into an existing OUT/table.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -104,8 +107,12 @@ def main():
             train_s[name] = time.time() - t
             save_lora(res.model, path, {"concept": name, "method": cfg.method, "config": cfg.to_dict()})
         loras[name] = read_lora_file(path)
-    base = {c: rate(world, c, args.samples) for c in CONCEPTS}
-    single = {c: rate(world, c, args.samples, with_lora(world, loras[c])) for c in ORDER}
+    prev = _previous(args) if args.update else None
+    if prev:
+        base, single = prev["base"], prev["single"]
+    else:
+        base = {c: rate(world, c, args.samples) for c in CONCEPTS}
+        single = {c: rate(world, c, args.samples, with_lora(world, loras[c])) for c in ORDER}
     log.info("base %s\nsingle %s", base, single)
 
     # the kept concepts under their synonyms (distill trains on these; the other modes never see them), and in
@@ -116,7 +123,8 @@ def main():
     def total(pairs, model=None):
         return sum(found_rate(world, p, c, args.samples, seed=4242, transformer=model) for c, p in pairs)
 
-    base_synonyms, base_composite = total(synonyms), total(composite)
+    base_synonyms, base_composite = ((prev["base_synonyms"], prev["base_composite"]) if prev
+                                     else (total(synonyms), total(composite)))
 
     def evaluate(names, lf, witnesses=False):
         model = with_lora(world, lf)
@@ -147,9 +155,10 @@ def main():
         log.info("distill of %d: losses first %s, last %s", len(names), history[0], history[-1])
         return merged
 
-    results, sweep = {}, {}
+    results, sweep = (prev["modes"], prev["sweep"]) if prev else ({}, {})
+    modes = args.update.split(",") if args.update else MODES
     all_files = [loras[c] for c in ORDER]
-    for mode in MODES:
+    for mode in modes:
         t = time.time()
         merged = merged_with(mode, ORDER)
         results[mode] = {"merge_seconds": time.time() - t, **evaluate(ORDER, merged, witnesses=True),
@@ -160,6 +169,10 @@ def main():
     for n in (3, 5, 10, 20):
         names = ORDER[:n]
         for mode in ("normalized", "concat", "distill"):
+            if mode not in modes:
+                continue
+            if n == 3:
+                sweep[mode] = []
             r = results[mode] if n == len(ORDER) else evaluate(names, merged_with(mode, names))
             sweep.setdefault(mode, []).append({"n": n, "mean_efficacy_share": r["mean_efficacy_share"],
                                                "acc_ir_of_base": r["acc_ir_of_base"]})
@@ -173,10 +186,27 @@ def main():
     report = {"machine": machine, "samples": args.samples, "erased": list(ORDER), "kept": list(KEEP), "base": base,
               "base_synonyms": base_synonyms, "base_composite": base_composite, "composite_prompts": list(COMPOSITE),
               "distill_config": DistillConfig().to_dict(),
-              "single": single, "train_seconds": train_s, "modes": results, "sweep": sweep,
-              "interference": summary}
+              "single": single, "train_seconds": prev["train_seconds"] if prev else train_s, "modes": results,
+              "sweep": sweep, "interference": summary,
+              "updated": [*(prev or {}).get("updated", []), {"modes": modes, "machine": machine,
+                                                          "date": time.strftime("%Y-%m-%d")}] if prev else []}
     atomic_write_text(args.out / "table.json", json.dumps(report, indent=2))
     write_markdown(report, args.out)
+
+
+def _previous(args) -> dict:
+    """The stored table that ``--update`` re-measures modes into (same sample count, known modes)."""
+    path = args.out / "table.json"
+    if not path.exists():
+        raise SystemExit(f"--update needs {path}; run the full benchmark into --out first")
+    prev = json.loads(path.read_text())
+    if prev["samples"] != args.samples:
+        raise SystemExit(f"--samples {args.samples} differs from the stored table's {prev['samples']}; pass "
+                         f"--samples {prev['samples']}")
+    unknown = [m for m in args.update.split(",") if m not in MODES]
+    if unknown:
+        raise SystemExit(f"--update: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    return prev
 
 
 def write_markdown(report: dict, out: Path) -> None:

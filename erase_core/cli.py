@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--distill-images", type=_positive_int, default=None,
                     help="distill: images sampled per LoRA (half base, half LoRA; 4× for the preserved concepts; "
                          "default 64)")
+    mg.add_argument("--distill-balance", choices=("uniform", "relative", "adaptive"), default=None,
+                    help="distill: how the LoRAs share the teacher term: relative (default; each LoRA's error over how "
+                         "far it moves the base), uniform (every row alike) or adaptive (relative, lagging LoRAs "
+                         "weighted up)")
     mg.add_argument("--out", type=Path, required=True, help="merged LoRA file to write (.safetensors)")
     mg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     mg.add_argument("--report", type=Path, default=None,

@@ -32,13 +32,16 @@ from .train import lr_at
 
 log = logging.getLogger("erase_flux")
 
+BALANCES = ("uniform", "relative", "adaptive")
+
 
 @dataclass(frozen=True)
 class DistillConfig:
     """Knobs of the distilled merge; validated on creation and stored in the merged file's metadata."""
 
-    # sandbox (bench/results/merge_16k, 20 LoRAs): 1500 cosine-decayed steps, 64 images per LoRA and λ = 0.5 kept
-    # 19 / 20 concepts at ≥ 90 % of their erasure; 600 constant steps, 32 images and λ = 1 kept 15 / 20
+    # sandbox (bench/results/merge_16k, 20 LoRAs): 1500 cosine-decayed steps, 64 images per LoRA, λ = 0.5 and the
+    # relative balance kept 19 / 20 concepts at ≥ 90 % of their erasure (uniform: 17 / 20; 600 constant steps,
+    # 32 images and λ = 1: 15 / 20)
     steps: int = 1500
     lr: float = 1e-3
     lr_schedule: str = "cosine"  # "cosine": lr·½(1 + cos(π·step/steps)); "constant"
@@ -48,6 +51,10 @@ class DistillConfig:
     preserve_images: int = 256  # x_0 of the preserved prompts, from the base model
     t_range: tuple[float, float] = (0.05, 1.0)
     sample_steps: int | None = None  # sampler steps for the x_0 (None: the world's default)
+    # how the LoRAs share the teacher term: "uniform" (each row counts alike), "relative" (each LoRA's error is
+    # measured against how far its teacher moves the base, E‖v_i − v_0‖², so a LoRA with a subtle edit is fitted as
+    # closely as one with a large edit), "adaptive" (relative, and LoRAs whose relative error lags get more weight)
+    balance: str = "relative"
     seed: int = 0
 
     def __post_init__(self):
@@ -58,6 +65,8 @@ class DistillConfig:
             raise ValueError(f"distill lr = {self.lr} must be a finite number > 0")
         if self.preserve_weight < 0 or not math.isfinite(self.preserve_weight):
             raise ValueError(f"distill preserve_weight = {self.preserve_weight} must be a finite number ≥ 0")
+        if self.balance not in BALANCES:
+            raise ValueError(f"distill balance = {self.balance!r} is unknown; choose one of {', '.join(BALANCES)}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"distill lr_schedule = {self.lr_schedule!r} is unknown; choose cosine or constant")
         lo, hi = self.t_range
@@ -154,6 +163,17 @@ def _concat(pools: list[_Pool]) -> _Pool:
                  _joined([p.text for p in pools]), torch.cat([p.owner for p in pools]))
 
 
+@torch.no_grad()
+def teacher_gaps(backend, pool: _Pool, n: int, batch: int) -> torch.Tensor:
+    """Per LoRA, E‖v_i − v_0‖² over its rows: how far its teacher moves the base's velocity."""
+    err = []
+    for i in range(0, len(pool.x_t), batch):
+        x, t, text, v_i = pool.rows(torch.arange(i, min(i + batch, len(pool.x_t))))
+        err.append(((v_i.float() - backend.velocity(x, t, text).float()) ** 2).flatten(1).mean(1))
+    err = torch.cat(err)
+    return torch.stack([err[pool.owner == i].mean() for i in range(n)]).clamp_min(1e-12)
+
+
 def distill(world, loras: list[LoraFile], init: LoraFile, prompts: list[list[str]], preserve_prompts: list[str],
             cfg: DistillConfig = DistillConfig(), weights: list[float] | None = None,
             progress: Callable[[int, dict[str, float]], None] | None = None,
@@ -180,6 +200,11 @@ def distill(world, loras: list[LoraFile], init: LoraFile, prompts: list[list[str
               for name, (a, b) in folded_factors(init).items()}
     opt = torch.optim.AdamW([p for pair in params.values() for p in pair], lr=cfg.lr, weight_decay=0.0)
     backend = world.backend(transformer)
+    gap = teacher_gaps(world.backend(), teach, len(loras), cfg.batch) if cfg.balance != "uniform" else None
+    if gap is not None:
+        w = w * gap.mean() / gap  # relative error: ‖v_θ − v_i‖² / E‖v_i − v_0‖², in the uniform loss's units
+        log.info("distill: teacher gaps %s", [round(g, 5) for g in gap.tolist()])
+    lag = torch.ones(len(loras))  # running relative error per LoRA (adaptive balance)
     backend.enable_training()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     history = []
@@ -190,7 +215,11 @@ def distill(world, loras: list[LoraFile], init: LoraFile, prompts: list[list[str
             x_p, t_p, text_p, v_p = kept.rows(torch.randint(0, len(kept.x_t), (cfg.batch,), generator=gen))
             v = backend.velocity(torch.cat([x_c, x_p]), torch.cat([t_c, t_p]), _joined([text_c, text_p]))
             err = ((v.float() - torch.cat([v_c, v_p]).float()) ** 2).flatten(1).mean(1)
-            l_teach, l_keep = (w[teach.owner[pick]].to(err) * err[:cfg.batch]).mean(), err[cfg.batch:].mean()
+            owner = teach.owner[pick]
+            w_step = w * lag / lag.mean() if cfg.balance == "adaptive" else w
+            l_teach, l_keep = (w_step[owner].to(err) * err[:cfg.batch]).mean(), err[cfg.batch:].mean()
+            if cfg.balance == "adaptive":
+                _track(lag, owner, err[:cfg.batch].detach().cpu() / gap[owner])
             loss = l_teach + cfg.preserve_weight * l_keep
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"distill step {step}: loss is {loss.item()}; lower lr (now {cfg.lr})")
@@ -208,6 +237,12 @@ def distill(world, loras: list[LoraFile], init: LoraFile, prompts: list[list[str
     meta["merge"] = {**init.meta.get("merge", {}), "mode": "distill", "init": init.meta.get("merge", {}).get("mode"),
                      "weights": shares, "distill": cfg.to_dict(), "final_loss": history[-1] if history else None}
     return LoraFile(modules, meta), history
+
+
+def _track(lag: torch.Tensor, owner: torch.Tensor, rel: torch.Tensor, decay: float = 0.9) -> None:
+    """Running mean (per LoRA) of the relative error of the rows just seen."""
+    for i in owner.unique().tolist():
+        lag[i] = decay * lag[i] + (1 - decay) * rel[owner == i].mean()
 
 
 def distill_merge(world, loras: list[LoraFile], config, prompts: list[list[str]], preserve_prompts: list[str],

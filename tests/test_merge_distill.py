@@ -70,10 +70,11 @@ def test_distill_starts_at_zero_when_the_merge_already_is_the_lora(world):
     assert history[0]["teachers"] < 1e-10  # teacher i is the base + ΔW_i, the student the base + the same ΔW
 
 
-def test_distill_lowers_its_objective_and_keeps_the_layout(world):
+@pytest.mark.parametrize("balance", ["uniform", "adaptive"])
+def test_distill_lowers_its_objective_and_keeps_the_layout(world, balance):
     loras = [_random_lora(world, s) for s in (0, 1)]
     init = merge(loras, MergeConfig(mode="normalized"))  # half of each: far from either teacher
-    cfg = DistillConfig(steps=40, lr=1e-2, batch=4, images=4, preserve_images=4, sample_steps=2)
+    cfg = DistillConfig(steps=40, lr=1e-2, batch=4, images=4, preserve_images=4, sample_steps=2, balance=balance)
     merged, history = distill(world, loras, init, [["a red shape"], ["a shape in the west"]], ["a moon", ""], cfg)
     first = sum(h["teachers"] for h in history[:5]) / 5
     last = sum(h["teachers"] for h in history[-5:]) / 5
@@ -83,11 +84,27 @@ def test_distill_lowers_its_objective_and_keeps_the_layout(world):
     assert merged.meta["merge"]["mode"] == "distill" and merged.meta["merge"]["distill"]["steps"] == 40
 
 
+def test_teacher_gaps_are_each_loras_mean_squared_move():
+    """E‖v_i − v_0‖² per LoRA over its own rows (here the base predicts 0 and teacher i predicts i everywhere)."""
+    from erase_core.flux.backend import TextCond
+    from erase_core.merge_distill import _Pool, teacher_gaps
+
+    class ZeroBase:
+        def velocity(self, x, t, text):
+            return torch.zeros_like(x)
+
+    owner = torch.tensor([0, 0, 1, 1, 1])
+    target = (owner + 1).float()[:, None, None].expand(5, 2, 3).clone()
+    pool = _Pool(torch.randn(5, 2, 3), torch.rand(5), torch.zeros(5, dtype=torch.long), target,
+                 TextCond(torch.zeros(1, 4, 8), torch.zeros(1, 8)), owner)
+    assert torch.allclose(teacher_gaps(ZeroBase(), pool, 2, batch=2), torch.tensor([1.0, 4.0]))
+
+
 def test_bad_distill_input_is_named(world):
     lf = _random_lora(world, 0)
     for bad, field in [({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"preserve_weight": float("nan")},
                                                                         "preserve_weight"),
-                       ({"t_range": (0.5, 0.2)}, "t_range")]:
+                       ({"t_range": (0.5, 0.2)}, "t_range"), ({"balance": "fair"}, "balance")]:
         with pytest.raises(ValueError, match=field):
             DistillConfig(**bad)
     with pytest.raises(ValueError, match="prompt list for each"):
@@ -104,9 +121,9 @@ def test_merge_command_distills(tmp_path, capsys, world):
     paths = [write_lora_file(_random_lora(world, s), tmp_path / f"{s}.safetensors") for s in (0, 1)]
     out = tmp_path / "m.safetensors"
     assert main(["merge", *map(str, paths), "--mode", "distill", "--distill-steps", "2", "--distill-batch", "2",
-                 "--distill-images", "2", "--preserve", "moon",
+                 "--distill-images", "2", "--distill-balance", "uniform", "--preserve", "moon",
                  "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["mode"] == "distill"
     merged = read_lora_file(out)
     assert merged.meta["method"] == "merge:distill" and merged.meta["merge"]["init"] == "closed_form"
-    assert merged.meta["merge"]["distill"]["steps"] == 2
+    assert merged.meta["merge"]["distill"]["steps"] == 2 and merged.meta["merge"]["distill"]["balance"] == "uniform"
