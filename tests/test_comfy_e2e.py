@@ -247,6 +247,8 @@ def _e2e_graph(path: Path, results: dict) -> dict:
             inputs["steps"] = E2E_ERASE_STEPS
             if inputs.get("preview_every"):
                 inputs["preview_every"] = 4
+            if path.stem == "sandbox_merge" and "blue" in inputs["lora_name"]:
+                inputs["low_memory"] = True  # the optional switch, exercised once (rsc_chunk=1)
             inputs["lora_name"] = f"{RUN}_{inputs['lora_name']}"
             results["loras"].append(f"{inputs['lora_name']}.safetensors")
         elif node["class_type"] == "EraseFlux_MergeLoras":
@@ -282,6 +284,10 @@ def test_sandbox_workflow(server, results, path):
             lora = loras_dir() / f"{node['inputs']['lora_name']}.safetensors"
             assert lora.is_file() and lora.stat().st_size > 1000, f"EraseConcept did not save {lora}"
             assert not (server.output / "erase_flux" / "checkpoints" / f"{node['inputs']['lora_name']}.pt").exists()
+            from erase_core.lora_file import read_lora_file
+
+            config = read_lora_file(lora).meta["config"]
+            assert config["rsc_chunk"] == (1 if node["inputs"].get("low_memory") else 0), config
         if node["class_type"] == "EraseFlux_MergeLoras":
             merged = loras_dir() / f"{node['inputs']['name']}.safetensors"
             assert merged.is_file(), f"MergeLoras did not save {merged}"
