@@ -215,9 +215,6 @@ class _Deferred:
     def __init__(self, value: torch.Tensor, run: Callable[[], None]):
         self.value, self.run = value, run
 
-    def detach(self) -> torch.Tensor:
-        return self.value
-
 
 def _uniform(n: int, lo_hi: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
     lo, hi = lo_hi
@@ -467,7 +464,7 @@ class Eraser:
         with gradient checkpointing, backward re-runs each forward, so a term's attention patch must be in place again
         while (and only while) its own forward is recomputed."""
         terms, self._terms = self._terms, []
-        total = sum(loss.detach() for loss, _ in terms)
+        total = sum(loss.value if isinstance(loss, _Deferred) else loss.detach() for loss, _ in terms)
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"loss became {total.item()} at this step; lower lr (now {self.cfg.lr}) or the "
                                 "loss weights, and resume from the last checkpoint")
