@@ -16,9 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from erase_core.cli_merge import closed_form_inputs  # noqa: E402
-from erase_core.flux.collect import collect_token_inputs  # noqa: E402
 from erase_core.io import atomic_write_text  # noqa: E402
-from erase_core.kv_edit import noised_states  # noqa: E402
+from erase_core.kv_edit import token_module_inputs  # noqa: E402
 from erase_core.lora_file import LoraFile, read_lora_file  # noqa: E402
 from erase_core.merge import MergeConfig, low_rank, merge  # noqa: E402
 from erase_core.sandbox.erase_sets import concept_prompts  # noqa: E402
@@ -29,9 +28,7 @@ from merge_table import KEEP, ORDER, rate, with_lora  # noqa: E402
 def content_inputs(world, name: str, modules: list[str], n: int = 8, times=(0.3, 0.6, 0.9), seed: int = 0):
     """Per module, the rows at every content token of the concept's prompts (word and context)."""
     prompts = concept_prompts(name, n=n, seed=seed)
-    text = world.encode(prompts)
-    states = noised_states(world, world.sample_latents(prompts, seed=seed, steps=8, text=text), times, seed)
-    return collect_token_inputs(world.backend(), modules, text, world.content_rows(prompts), states)
+    return token_module_inputs(world, prompts, world.content_rows(prompts), modules, times, seed)
 
 
 def projected_sum(loras: list[LoraFile], preserve: dict[str, torch.Tensor], lam: float) -> LoraFile:

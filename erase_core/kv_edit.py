@@ -118,9 +118,15 @@ def word_module_inputs(world, word: str, prompts: list[str], modules: list[str],
                        seed: int = 0) -> dict[str, torch.Tensor]:
     """Per module (diffusers name), the rows it sees at ``word``'s tokens over base-model samples of ``prompts``
     noised to ``times``: the inputs of closed-form edits and merges, on any world."""
+    return token_module_inputs(world, prompts, [world.token_indices(p, word) for p in prompts], modules, times, seed)
+
+
+def token_module_inputs(world, prompts: list[str], rows: list[list[int]], modules: list[str], times=(0.3, 0.6, 0.9),
+                        seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per module, the rows it sees at token rows ``rows[k]`` of ``prompts[k]`` over base-model samples noised to
+    ``times``."""
     from .flux.collect import collect_token_inputs
 
     text = world.encode(prompts)
-    rows = [world.token_indices(p, word) for p in prompts]
     states = noised_states(world, world.sample_latents(prompts, seed=seed, steps=8, text=text), times, seed)
     return collect_token_inputs(world.backend(), modules, text, rows, states)
