@@ -37,6 +37,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device here (torch {torch.__version__}); use cpu")
+    return text
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -73,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at", type=_positive_int, default=None,
                    help="end this run after this transformer step; the learning-rate schedule still spans "
                         "--flux-steps, and a later run with the same --out resumes")
-    t.add_argument("--device", default="cpu", help="device of the transformer stage (e.g. cuda); results match a CPU "
+    t.add_argument("--device", type=_device, default="cpu", help="device of the transformer stage (e.g. cuda); results match a CPU "
                    "run only statistically, and a resume continues a different GPU random stream")
     t.add_argument("--stages", default="tokenizer,autoencoder,classifier,flux",
                    help="comma-separated stages to run (later stages reuse earlier files in --out)")
@@ -87,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (the bar uses 3)")
     c.add_argument("--shift", type=_positive_float, default=1.0, help="sampler time shift σ' = sσ/(1 + (s − 1)σ), as Flux's "
                    "(the bar uses 1; > 1 spends more steps at high noise, where shapes are decided)")
-    c.add_argument("--device", default="cpu", help="where to run the models (e.g. cuda); the noise is drawn on the "
+    c.add_argument("--device", type=_device, default="cpu", help="where to run the models (e.g. cuda); the noise is drawn on the "
                    "CPU, so a seed means the same starting latent on every device")
     g = sbs.add_parser("generate", help="generate a grid of images from prompts")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several rows)")
@@ -123,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="LoRA file to write (.safetensors)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
+    e.add_argument("--device", type=_device, default="cpu",
+                   help="where the models run (e.g. cuda; default cpu); noise comes from CPU generators, so seeds mean the same on any device")
 
     v = sub.add_parser("evaluate", help="Acc_e / Acc_ir / Acc_g / H_o of an erase-LoRA on the sandbox")
     v.add_argument("--lora", type=Path, default=None, help="LoRA file (omit to evaluate the base model)")
@@ -130,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", type=_positive_int, default=64, help="samples per prompt")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
+    v.add_argument("--device", type=_device, default="cpu",
+                   help="where the models run (e.g. cuda; default cpu); noise comes from CPU generators, so seeds mean the same on any device")
 
     mg = sub.add_parser("merge", help="merge several erase-LoRAs into one (normalized, sum, concat, closed_form, "
                                       "distill)")

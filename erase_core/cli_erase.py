@@ -12,7 +12,7 @@ def run(args) -> int:
     from .sandbox.pipeline import SandboxWorld
     from .sandbox.world import concept as lookup
 
-    world = SandboxWorld.load(args.weights)
+    world = SandboxWorld.load(args.weights).to(args.device)
     name = lookup(args.concept).name
     if args.command == "erase":
         return _erase(args, world, name)

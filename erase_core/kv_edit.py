@@ -29,7 +29,7 @@ def noised_states(world, x0: torch.Tensor, times, seed: int,
     """(x_t, t) pairs: ``x0`` noised to each time in ``times``, noise seed ``seed + stride · (i + 1)`` for the i-th."""
     states = []
     for i, t in enumerate(times):
-        tt = torch.full((len(x0),), float(t))
+        tt = torch.full((len(x0),), float(t), device=x0.device)
         states.append((noised(x0, world.noise(len(x0), seed + stride * (i + 1)), tt), tt))
     return states
 

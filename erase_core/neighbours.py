@@ -54,7 +54,7 @@ def _draw(e: torch.Tensor, lo: float, hi: float, keep, count: int, gen: torch.Ge
     """Vectorised rejection sampling of ``count`` perturbations η with radius U[lo, hi]·‖e‖ that ``keep``."""
     if count == 0:
         return e.new_zeros(0, e.numel())
-    flat = e.flatten().double()
+    flat = e.flatten().double().cpu()  # drawn on the CPU: the same samples for a seed on every device
     scale = flat.norm().item()
     found, drawn, batch = [], 0, max(64, 4 * count)
     while sum(len(f) for f in found) < count:
@@ -69,7 +69,7 @@ def _draw(e: torch.Tensor, lo: float, hi: float, keep, count: int, gen: torch.Ge
         cos = torch.nn.functional.cosine_similarity(flat[None], flat[None] + eta, dim=1)
         found.append(eta[keep(cos)])
         drawn += batch
-    return torch.cat(found)[:count].to(e.dtype)
+    return torch.cat(found)[:count].to(e)
 
 
 def mine(e: torch.Tensor, cfg: NeighbourConfig = NeighbourConfig()) -> tuple[torch.Tensor, torch.Tensor]:

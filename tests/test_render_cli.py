@@ -54,6 +54,7 @@ def test_help_lists_subcommands():
     (["sandbox", "generate", "--prompt", "a", "--n", "0", "--out", "x.png"], "--n"),
     (["sandbox", "dance"], "action"),
     (["sandbox", "check", "--shift", "0"], "--shift"),
+    (["evaluate", "--concept", "red", "--device", "xyz"], "--device"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:

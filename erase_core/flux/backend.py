@@ -119,5 +119,5 @@ class DiffusersFlux:
         with torch.no_grad():
             for name, m in lora.modules.items():
                 target = getattr(named[name], "base_layer", named[name])
-                target.weight += m.delta().to(target.weight.dtype)
+                target.weight += m.delta().to(target.weight)
         return edited
