@@ -36,3 +36,11 @@ def test_no_python_file_over_600_lines():
     for path in ROOT.rglob("*.py"):
         if ".git" not in path.parts:
             assert len(path.read_text().splitlines()) <= 600, path
+
+
+def test_shipped_weights_stay_within_20_mb():
+    """The sandbox weights live in the repository (issue 2: ≤ 20 MB in all, both weight sets counted)."""
+    folders = sorted((ROOT / "erase_core" / "sandbox").glob("weights*"))
+    assert {f.name for f in folders} >= {"weights", "weights_22k"}
+    total = sum(p.stat().st_size for f in folders for p in f.rglob("*") if p.is_file())
+    assert total <= 20e6, f"sandbox weights take {total / 1e6:.1f} MB"
