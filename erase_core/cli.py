@@ -95,19 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--concepts", default=None, help="comma-separated concepts (default: all 24)")
     c.add_argument("--out", type=Path, default=None, help="write the table as FILE.md and FILE.json")
     c.add_argument("--seed", type=int, default=1000, help="first sampling seed")
-    c.add_argument("--steps", type=_positive_int, default=12, help="Euler steps of the sampler (the bar uses 12)")
-    c.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (the bar uses 3)")
-    c.add_argument("--shift", type=_positive_float, default=1.0, help="sampler time shift σ' = sσ/(1 + (s − 1)σ), as Flux's "
-                   "(the bar uses 1; > 1 spends more steps at high noise, where shapes are decided)")
+    c.add_argument("--steps", type=_positive_int, default=None,
+                   help="Euler steps of the sampler (default: the weights' sampler.json, else 12)")
+    c.add_argument("--cfg", type=_positive_float, default=None,
+                   help="classifier-free guidance scale (default: the weights' sampler.json, else 3)")
+    c.add_argument("--shift", type=_positive_float, default=None,
+                   help="sampler time shift σ' = sσ/(1 + (s − 1)σ), as Flux's; > 1 spends more steps at high noise, "
+                        "where shapes are decided (default: the weights' sampler.json, else 1)")
     c.add_argument("--device", type=_device, default="cpu", help="where to run the models (e.g. cuda); the noise is drawn on the "
                    "CPU, so a seed means the same starting latent on every device")
     g = sbs.add_parser("generate", help="generate a grid of images from prompts")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several rows)")
     g.add_argument("--n", type=_positive_int, default=8, help="images per prompt")
     g.add_argument("--seed", type=int, default=0, help="first sampling seed")
-    g.add_argument("--steps", type=_positive_int, default=12, help="Euler steps")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    g.add_argument("--shift", type=_positive_float, default=1.0, help="sampler time shift (1 = none)")
+    g.add_argument("--steps", type=_positive_int, default=None, help="Euler steps (default: the weights' sampler)")
+    g.add_argument("--cfg", type=_positive_float, default=None, help="classifier-free guidance scale (default: the "
+                   "weights' sampler)")
+    g.add_argument("--shift", type=_positive_float, default=None, help="sampler time shift, 1 = none (default: the "
+                   "weights' sampler)")
     g.add_argument("--out", type=Path, required=True, help="PNG file for the grid")
     g.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped sandbox)")
 
@@ -228,6 +233,11 @@ def _cmd_sandbox(args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     world = SandboxWorld.load(args.weights)
+    if args.action in ("check", "generate"):  # the weights' sampler, overridden by what the command names
+        sampler = world.sampler
+        args.steps = args.steps or sampler.steps
+        args.cfg = sampler.cfg if args.cfg is None else args.cfg
+        args.shift = sampler.shift if args.shift is None else args.shift
     if args.action == "check":
         world.to(args.device)
         from .sandbox.check import classifier_check, quality_markdown, quality_table

@@ -134,6 +134,24 @@ def test_step_22000_weights_load_and_differ_only_in_the_trained_stage(world):
     assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
 
 
+def test_weights_carry_their_sampler(world, tmp_path):
+    """A weights folder's sampler.json sets the sampler's defaults (what the quality bar was measured with);
+    arguments still override it; a bad file names itself and the field."""
+    from erase_core.sandbox.pipeline import SamplerDefaults, SandboxWorld, WEIGHTS_DIR
+
+    assert world.sampler == SamplerDefaults(steps=12, cfg=3.0, shift=1.0)
+    w22 = SandboxWorld.load(WEIGHTS_DIR.parent / "weights_22k")
+    assert w22.sampler == SamplerDefaults(steps=24, cfg=3.5, shift=3.0)
+    w22.sampler = SamplerDefaults(steps=3, cfg=2.0, shift=3.0)  # shorter, same code path
+    assert torch.equal(w22.sample(["a red circle"], seed=3), w22.sample(["a red circle"], seed=3, steps=3,
+                                                                        cfg_scale=2.0, shift=3.0))
+    assert not torch.equal(w22.sample(["a red circle"], seed=3), w22.sample(["a red circle"], seed=3, shift=1.0))
+    for text, field in [('{"steps": 0}', "steps"), ('{"shift": -1}', "shift"), ('{"sigma": 1}', "sigma")]:
+        (tmp_path / "sampler.json").write_text(text)
+        with pytest.raises(ValueError, match=f"sampler.json.*{field}"):
+            SamplerDefaults.read(tmp_path / "sampler.json")
+
+
 def test_shipped_world_is_deterministic_and_seed_per_sample(world):
     a = world.sample(["a blue square"] * 3, seed=11, steps=4)
     b = world.sample(["a blue square"], seed=12, steps=4)

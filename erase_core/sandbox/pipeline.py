@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +27,41 @@ FILES = ("config.json", "tokenizer.json", "text_encoder.safetensors", "autoencod
          "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "classifier.safetensors")
 
 
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """The sampler a weights folder is meant to be sampled with (its optional ``sampler.json``): Euler steps, CFG
+    scale and Flux's time shift. Calls that name a setting override it."""
+
+    steps: int = 12
+    cfg: float = 3.0
+    shift: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"sampler steps = {self.steps!r} must be a whole number ≥ 1")
+        for name in ("cfg", "shift"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"sampler {name} = {value!r} must be a finite number > 0")
+
+    @classmethod
+    def read(cls, path: Path) -> "SamplerDefaults":
+        """From ``path`` if it exists (the defaults otherwise); errors name the file and the field."""
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{path}: unknown field {unknown[0]!r}; allowed: steps, cfg, shift")
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def _load_module(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     module.load_state_dict(state)
@@ -35,8 +72,10 @@ class SandboxWorld:
     """Everything of the sandbox world, loaded from a weights folder (default: the shipped one)."""
 
     def __init__(self, cfg: SandboxConfig, tokenizer, text_encoder: TextEncoder, autoencoder: AutoEncoder,
-                 transformer: FluxTransformer2DModel, classifier: Classifier | None = None):
+                 transformer: FluxTransformer2DModel, classifier: Classifier | None = None,
+                 sampler: SamplerDefaults = SamplerDefaults()):
         self.cfg = cfg
+        self.sampler = sampler
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.autoencoder = autoencoder
@@ -57,7 +96,7 @@ class SandboxWorld:
         tr = FluxTransformer2DModel.from_pretrained(str(d / "transformer"), torch_dtype=torch.float32)
         tr.eval().requires_grad_(False)
         clf = _load_module(Classifier({a: len(v) for a, v in AXES.items()}), d / "classifier.safetensors")
-        return cls(cfg, tok, te, ae, tr, clf)
+        return cls(cfg, tok, te, ae, tr, clf, SamplerDefaults.read(d / "sampler.json"))
 
     @property
     def device(self) -> torch.device:
@@ -95,13 +134,18 @@ class SandboxWorld:
         return pack_latents(lat).to(self.device)
 
     @torch.no_grad()
-    def sample_latents(self, prompts: list[str], seed: int = 0, steps: int = 12, cfg_scale: float = 3.0,
-                       transformer=None, callback: Callable[[int, torch.Tensor], None] | None = None,
-                       text: TextCond | None = None, patch=None, shift: float = 1.0) -> torch.Tensor:
-        """Packed latents (B, N, 4C) from the Euler sampler with classifier-free guidance.
+    def sample_latents(self, prompts: list[str], seed: int = 0, steps: int | None = None,
+                       cfg_scale: float | None = None, transformer=None,
+                       callback: Callable[[int, torch.Tensor], None] | None = None, text: TextCond | None = None,
+                       patch=None, shift: float | None = None) -> torch.Tensor:
+        """Packed latents (B, N, 4C) from the Euler sampler with classifier-free guidance; ``steps``, ``cfg_scale``
+        and ``shift`` default to the weights' :class:`SamplerDefaults`.
 
         ``patch`` (an active :class:`~erase_core.flux.attention.AttentionPatch`) sees only the conditional passes.
         """
+        steps = self.sampler.steps if steps is None else steps
+        cfg_scale = self.sampler.cfg if cfg_scale is None else cfg_scale
+        shift = self.sampler.shift if shift is None else shift
         backend = self.backend(transformer)
         cond = text if text is not None else self.encode(prompts)
         uncond = self.encode([""] * len(cond)) if cfg_scale != 1.0 else None
