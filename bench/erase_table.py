@@ -134,6 +134,9 @@ def main():
                    help="comma-separated: esd, ca, eraseanything, eraseanything+neighbors, uce, realera")
     p.add_argument("--out", type=Path, default=Path("bench/results/erase"))
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="sandbox weights folder (default: the shipped one; its sampler.json sets the sampler)")
+    p.add_argument("--device", default="cpu", help="where the models run (cuda on a GPU; noise stays on the CPU)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="EraseConfig override for the trained methods, VALUE as JSON (e.g. lambda_beyond=0); repeatable")
     p.add_argument("--no-suppression", action="store_true",
@@ -142,7 +145,7 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    world = SandboxWorld.load()
+    world = SandboxWorld.load(args.weights).to(args.device)
     rows, ablation_rows = [], []
 
     def save() -> None:

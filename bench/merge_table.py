@@ -25,7 +25,7 @@ from erase_core.cli_merge import closed_form_inputs, distill_prompts  # noqa: E4
 from erase_core.evaluate import found_rate  # noqa: E402
 from erase_core.io import atomic_write_text  # noqa: E402
 from erase_core.lora import apply_lora, save_lora  # noqa: E402
-from erase_core.lora_file import LoraFile, LoraModule, read_lora_file  # noqa: E402
+from erase_core.lora_file import LoraFile, LoraModule, model_fingerprint, read_lora_file  # noqa: E402
 from erase_core.merge import MODES, MergeConfig, interference, interference_summary, merge  # noqa: E402
 from erase_core.merge_distill import DistillConfig, distill_merge  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
@@ -81,6 +81,9 @@ def main():
     p.add_argument("--timing-only", action="store_true")
     p.add_argument("--markdown-only", action="store_true", help="re-render OUT/table.md from OUT/table.json")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="sandbox weights folder (default: the shipped one; its sampler.json sets the sampler)")
+    p.add_argument("--device", default="cpu", help="where the models run (cuda on a GPU; noise stays on the CPU)")
     p.add_argument("--update", default=None, help="comma-separated modes to re-measure into an existing OUT/table.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -95,7 +98,7 @@ def main():
         atomic_write_text(args.out / "flux_dev_timing.json", json.dumps(timing, indent=2))
         print(json.dumps(timing, indent=2))
         return
-    world = SandboxWorld.load()
+    world = SandboxWorld.load(args.weights).to(args.device)
     (args.out / "loras").mkdir(exist_ok=True)
     cfg = EraseConfig(**({"steps": args.steps} if args.steps else {}))
     loras, train_s = {}, {}
@@ -107,6 +110,9 @@ def main():
             train_s[name] = time.time() - t
             save_lora(res.model, path, {"concept": name, "method": cfg.method, "config": cfg.to_dict()})
         loras[name] = read_lora_file(path)
+        if loras[name].meta.get("fingerprint") != model_fingerprint(world.transformer):
+            raise SystemExit(f"{path} was trained on another base model (fingerprint "
+                             f"{loras[name].meta.get('fingerprint')}); use another --out for these weights")
     prev = _previous(args) if args.update else None
     if prev:
         base, single = prev["base"], prev["single"]
