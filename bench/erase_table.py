@@ -183,8 +183,10 @@ def main():
                 ablation_rows.append(row(name, label, m, base, seconds))
                 save()  # readable midway
         save()
+    sm = world.sampler
     md = markdown(rows, f"Erasure on the sandbox ({args.samples} samples per prompt, "
-                        f"{args.steps or EraseConfig().steps} steps, {torch.get_num_threads()} threads)")
+                        f"{args.steps or EraseConfig().steps} steps, {torch.get_num_threads()} threads; weights "
+                        f"{args.weights or 'shipped'}, sampler {sm.steps} steps / CFG {sm.cfg:g} / shift {sm.shift:g})")
     if ablation_rows:
         md += "\n" + markdown(ablation_rows, "Ablation over the loss terms")
     atomic_write_text(args.out / "table.md", md)
