@@ -49,6 +49,21 @@ def _device(text: str) -> str:
     return text
 
 
+DEVICE_HELP = ("where the models run (e.g. cuda; default cpu); noise comes from CPU generators, so seeds mean the same "
+               "on any device")
+
+
+def _sampler_options(p: argparse.ArgumentParser) -> None:
+    """--steps/--cfg/--shift of the sandbox sampler; unset ones come from the weights' sampler.json."""
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="Euler steps of the sampler (default: the weights' sampler.json, else 12)")
+    p.add_argument("--cfg", type=_positive_float, default=None,
+                   help="classifier-free guidance scale (default: the weights' sampler.json, else 3)")
+    p.add_argument("--shift", type=_positive_float, default=None,
+                   help="sampler time shift σ' = sσ/(1 + (s − 1)σ), as Flux's; > 1 spends more steps at high noise, "
+                        "where shapes are decided (default: the weights' sampler.json, else 1)")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -95,24 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--concepts", default=None, help="comma-separated concepts (default: all 24)")
     c.add_argument("--out", type=Path, default=None, help="write the table as FILE.md and FILE.json")
     c.add_argument("--seed", type=int, default=1000, help="first sampling seed")
-    c.add_argument("--steps", type=_positive_int, default=None,
-                   help="Euler steps of the sampler (default: the weights' sampler.json, else 12)")
-    c.add_argument("--cfg", type=_positive_float, default=None,
-                   help="classifier-free guidance scale (default: the weights' sampler.json, else 3)")
-    c.add_argument("--shift", type=_positive_float, default=None,
-                   help="sampler time shift σ' = sσ/(1 + (s − 1)σ), as Flux's; > 1 spends more steps at high noise, "
-                        "where shapes are decided (default: the weights' sampler.json, else 1)")
+    _sampler_options(c)
     c.add_argument("--device", type=_device, default="cpu", help="where to run the models (e.g. cuda); the noise is drawn on the "
                    "CPU, so a seed means the same starting latent on every device")
     g = sbs.add_parser("generate", help="generate a grid of images from prompts")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several rows)")
     g.add_argument("--n", type=_positive_int, default=8, help="images per prompt")
     g.add_argument("--seed", type=int, default=0, help="first sampling seed")
-    g.add_argument("--steps", type=_positive_int, default=None, help="Euler steps (default: the weights' sampler)")
-    g.add_argument("--cfg", type=_positive_float, default=None, help="classifier-free guidance scale (default: the "
-                   "weights' sampler)")
-    g.add_argument("--shift", type=_positive_float, default=None, help="sampler time shift, 1 = none (default: the "
-                   "weights' sampler)")
+    _sampler_options(g)
     g.add_argument("--out", type=Path, required=True, help="PNG file for the grid")
     g.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped sandbox)")
 
@@ -140,8 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="LoRA file to write (.safetensors)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
-    e.add_argument("--device", type=_device, default="cpu",
-                   help="where the models run (e.g. cuda; default cpu); noise comes from CPU generators, so seeds mean the same on any device")
+    e.add_argument("--device", type=_device, default="cpu", help=DEVICE_HELP)
 
     v = sub.add_parser("evaluate", help="Acc_e / Acc_ir / Acc_g / H_o of an erase-LoRA on the sandbox")
     v.add_argument("--lora", type=Path, default=None, help="LoRA file (omit to evaluate the base model)")
@@ -149,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", type=_positive_int, default=64, help="samples per prompt")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
-    v.add_argument("--device", type=_device, default="cpu",
-                   help="where the models run (e.g. cuda; default cpu); noise comes from CPU generators, so seeds mean the same on any device")
+    v.add_argument("--device", type=_device, default="cpu", help=DEVICE_HELP)
 
     mg = sub.add_parser("merge", help="merge several erase-LoRAs into one (normalized, sum, concat, closed_form, "
                                       "distill)")
@@ -234,10 +237,7 @@ def _cmd_sandbox(args) -> int:
         return 0
     world = SandboxWorld.load(args.weights)
     if args.action in ("check", "generate"):  # the weights' sampler, overridden by what the command names
-        sampler = world.sampler
-        args.steps = args.steps or sampler.steps
-        args.cfg = sampler.cfg if args.cfg is None else args.cfg
-        args.shift = sampler.shift if args.shift is None else args.shift
+        args.steps, args.cfg, args.shift = world.sampler.resolve(args.steps, args.cfg, args.shift)
     if args.action == "check":
         world.to(args.device)
         from .sandbox.check import classifier_check, quality_markdown, quality_table

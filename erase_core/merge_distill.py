@@ -117,9 +117,15 @@ def _pool(world, backend, prompts: list[str], x0: torch.Tensor, factors, gen: to
     noise = torch.randn(x0.shape, generator=gen).to(x0)
     x_t = noised(x0, noise, t)
     with added_deltas(backend, factors):
-        v = torch.cat([backend.velocity(x_t[i:i + cfg.batch], t[i:i + cfg.batch], text.select(index[i:i + cfg.batch]))
-                       for i in range(0, len(x_t), cfg.batch)])
+        v = _velocities(backend, x_t, t, text, index, cfg.batch)
     return _Pool(x_t, t, index, v, text, torch.full((len(x_t),), owner, dtype=torch.long))
+
+
+def _velocities(backend, x_t: torch.Tensor, t: torch.Tensor, text: TextCond, index: torch.Tensor,
+                batch: int) -> torch.Tensor:
+    """v(x_t, t, text[index]) for every row, ``batch`` rows per model pass."""
+    return torch.cat([backend.velocity(x_t[i:i + batch], t[i:i + batch], text.select(index[i:i + batch]))
+                      for i in range(0, len(x_t), batch)])
 
 
 def _sample(world, prompts: list[str], seed: int, cfg: DistillConfig) -> torch.Tensor:
@@ -166,11 +172,8 @@ def _concat(pools: list[_Pool]) -> _Pool:
 @torch.no_grad()
 def teacher_gaps(backend, pool: _Pool, n: int, batch: int) -> torch.Tensor:
     """Per LoRA, E‖v_i − v_0‖² over its rows: how far its teacher moves the base's velocity."""
-    err = []
-    for i in range(0, len(pool.x_t), batch):
-        x, t, text, v_i = pool.rows(torch.arange(i, min(i + batch, len(pool.x_t))))
-        err.append(((v_i.float() - backend.velocity(x, t, text).float()) ** 2).flatten(1).mean(1))
-    err = torch.cat(err)
+    v_0 = _velocities(backend, pool.x_t, pool.t, pool.text, pool.prompt, batch)
+    err = ((pool.target.float() - v_0.float()) ** 2).flatten(1).mean(1)
     return torch.stack([err[pool.owner == i].mean() for i in range(n)]).clamp_min(1e-12)
 
 

@@ -127,3 +127,13 @@ def test_merge_command_distills(tmp_path, capsys, world):
     merged = read_lora_file(out)
     assert merged.meta["method"] == "merge:distill" and merged.meta["merge"]["init"] == "closed_form"
     assert merged.meta["merge"]["distill"]["steps"] == 2 and merged.meta["merge"]["distill"]["balance"] == "uniform"
+
+
+def test_cli_balance_choices_are_the_engines():
+    """The CLI lists the balances without importing the engine at parse time; they must stay the same."""
+    from erase_core.cli import build_parser
+    from erase_core.merge_distill import BALANCES
+
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]
+    action = next(a for a in merge._actions if a.dest == "distill_balance")
+    assert tuple(action.choices) == BALANCES

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -58,8 +58,11 @@ class SamplerDefaults:
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def resolve(self, steps: int | None = None, cfg: float | None = None,
+                shift: float | None = None) -> tuple[int, float, float]:
+        """(steps, cfg, shift): the ones given, these defaults for the rest."""
+        return (self.steps if steps is None else steps, self.cfg if cfg is None else cfg,
+                self.shift if shift is None else shift)
 
 
 def _load_module(module: torch.nn.Module, path: Path) -> torch.nn.Module:
@@ -143,9 +146,7 @@ class SandboxWorld:
 
         ``patch`` (an active :class:`~erase_core.flux.attention.AttentionPatch`) sees only the conditional passes.
         """
-        steps = self.sampler.steps if steps is None else steps
-        cfg_scale = self.sampler.cfg if cfg_scale is None else cfg_scale
-        shift = self.sampler.shift if shift is None else shift
+        steps, cfg_scale, shift = self.sampler.resolve(steps, cfg_scale, shift)
         backend = self.backend(transformer)
         cond = text if text is not None else self.encode(prompts)
         uncond = self.encode([""] * len(cond)) if cfg_scale != 1.0 else None
