@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from erase_core.io import atomic_write_text  # noqa: E402
 from erase_core.neighbours import NeighbourConfig, mine  # noqa: E402
-from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
 from erase_core.sandbox.world import AXES, CONCEPTS  # noqa: E402
+from bench.world_args import add_world_args, load_world  # noqa: E402
 
 
 @torch.no_grad()
@@ -37,9 +37,10 @@ def relation(e: torch.Tensor, a: torch.Tensor) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("bench/results/associated_distance"))
+    add_world_args(p)
     args = p.parse_args()
     torch.set_num_threads(1)
-    world = SandboxWorld.load()
+    world = load_world(args)
     shapes = [s for s in AXES["shape"] if s in CONCEPTS]
     plain = {s: word_embedding(world, concept_prompt(s, "shape"), s) for s in shapes}
     rows = {}

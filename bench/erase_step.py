@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from erase_core.flux.flow import noised  # noqa: E402
 from erase_core.losses import flow_loss  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
-from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
 from erase_core.train import EraseConfig, Eraser  # noqa: E402
+from bench.world_args import add_world_args, load_world  # noqa: E402
 
 
 def main():
@@ -26,9 +26,10 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
+    add_world_args(p)
     args = p.parse_args()
     torch.set_num_threads(1)
-    world = SandboxWorld.load()
+    world = load_world(args)
     er = Eraser(world, sandbox_concept_set("red"), EraseConfig(batch=args.batch, base_samples=32))
     prompts = list(er.concept.prompts[: args.batch])
 

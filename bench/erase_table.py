@@ -21,10 +21,10 @@ from erase_core.evaluate import EraseMetrics, evaluate_erasure  # noqa: E402
 from erase_core.flux.attention import AttentionPatch  # noqa: E402
 from erase_core.io import atomic_write_text  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
-from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
 from erase_core.sandbox.world import CONCEPTS  # noqa: E402
 from erase_core.train import EraseConfig, erase  # noqa: E402
+from bench.world_args import add_world_args, load_world, world_name  # noqa: E402
 
 ABLATION = {  # relative to EraseConfig's defaults; the last four undo one of our departures from the paper each
     "L_esd": dict(method="esd"),
@@ -134,18 +134,16 @@ def main():
                    help="comma-separated: esd, ca, eraseanything, eraseanything+neighbors, uce, realera")
     p.add_argument("--out", type=Path, default=Path("bench/results/erase"))
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--weights", type=Path, default=None,
-                   help="sandbox weights folder (default: the shipped one; its sampler.json sets the sampler)")
-    p.add_argument("--device", default="cpu", help="where the models run (cuda on a GPU; noise stays on the CPU)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="EraseConfig override for the trained methods, VALUE as JSON (e.g. lambda_beyond=0); repeatable")
     p.add_argument("--no-suppression", action="store_true",
                    help="skip the attention-suppression row (deterministic: the same in every run)")
+    add_world_args(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    world = SandboxWorld.load(args.weights).to(args.device)
+    world = load_world(args)
     rows, ablation_rows = [], []
 
     def save() -> None:
@@ -186,7 +184,7 @@ def main():
     sm = world.sampler
     md = markdown(rows, f"Erasure on the sandbox ({args.samples} samples per prompt, "
                         f"{args.steps or EraseConfig().steps} steps, {torch.get_num_threads()} threads; weights "
-                        f"{args.weights or 'shipped'}, sampler {sm.steps} steps / CFG {sm.cfg:g} / shift {sm.shift:g})")
+                        f"{world_name(args)}, sampler {sm.steps} steps / CFG {sm.cfg:g} / shift {sm.shift:g})")
     if ablation_rows:
         md += "\n" + markdown(ablation_rows, "Ablation over the loss terms")
     atomic_write_text(args.out / "table.md", md)

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from erase_core.evaluate import evaluate_erasure  # noqa: E402
 from erase_core.io import atomic_write_text  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
-from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
 from erase_core.train import EraseConfig, erase  # noqa: E402
+from bench.world_args import add_world_args, load_world  # noqa: E402
 
 
 def main() -> None:
@@ -29,12 +29,12 @@ def main() -> None:
     p.add_argument("samples", type=int)
     p.add_argument("out", type=Path)
     p.add_argument("variants", help="JSON object: label → EraseConfig keywords")
-    p.add_argument("--weights", type=Path, default=None)
     p.add_argument("--no-base", action="store_true")
+    add_world_args(p)
     args = p.parse_args()
     torch.set_num_threads(1)
     variants = json.loads(args.variants)
-    world = SandboxWorld.load(args.weights)
+    world = load_world(args)
     results: dict = {}
     for name in args.concepts.split(","):
         results[name] = {}

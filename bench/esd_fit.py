@@ -17,21 +17,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from erase_core.flux.flow import noised  # noqa: E402
 from erase_core.losses import esd_target  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
-from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
 from erase_core.sandbox.world import CONCEPTS  # noqa: E402
 from erase_core.tokens import replace_word  # noqa: E402
 from erase_core.train import EraseConfig, erase  # noqa: E402
+from bench.world_args import add_world_args, load_world  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("concept")
     p.add_argument("config", help="JSON object of EraseConfig keywords")
-    p.add_argument("--weights", type=Path, default=None)
+    add_world_args(p)
     args = p.parse_args()
     torch.set_num_threads(1)
-    world = SandboxWorld.load(args.weights)
+    world = load_world(args)
     cfg = EraseConfig(**json.loads(args.config))
     c = CONCEPTS[args.concept]
     prompt = concept_prompt(c.name, c.axis)

@@ -21,7 +21,7 @@ from erase_core.kv_edit import token_module_inputs  # noqa: E402
 from erase_core.lora_file import LoraFile, read_lora_file  # noqa: E402
 from erase_core.merge import MergeConfig, low_rank, merge  # noqa: E402
 from erase_core.sandbox.erase_sets import concept_prompts  # noqa: E402
-from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
+from bench.world_args import add_world_args, load_world  # noqa: E402
 from merge_table import KEEP, ORDER, rate, with_lora  # noqa: E402
 
 
@@ -50,12 +50,13 @@ def main():
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("bench/results/merge_16k"))
+    add_world_args(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     table = json.loads((args.out / "table.json").read_text())
     base, single = table["base"], table["single"]
-    world = SandboxWorld.load()
+    world = load_world(args)
     loras = [read_lora_file(args.out / "loras" / f"{c}.safetensors") for c in ORDER]
     modules = sorted(loras[0].modules)
     ci, pi = closed_form_inputs(world, loras, list(KEEP))

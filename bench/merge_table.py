@@ -29,10 +29,10 @@ from erase_core.lora_file import LoraFile, LoraModule, model_fingerprint, read_l
 from erase_core.merge import MODES, MergeConfig, interference, interference_summary, merge  # noqa: E402
 from erase_core.merge_distill import DistillConfig, distill_merge  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
-from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
 from erase_core.sandbox.world import CONCEPTS  # noqa: E402
 from erase_core.train import EraseConfig, erase  # noqa: E402
+from bench.world_args import add_world_args, load_world  # noqa: E402
 
 log = logging.getLogger("bench")
 KEEP = ("moon", "green", "north", "southeast")  # never erased: the Acc_ir witnesses
@@ -81,10 +81,8 @@ def main():
     p.add_argument("--timing-only", action="store_true")
     p.add_argument("--markdown-only", action="store_true", help="re-render OUT/table.md from OUT/table.json")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--weights", type=Path, default=None,
-                   help="sandbox weights folder (default: the shipped one; its sampler.json sets the sampler)")
-    p.add_argument("--device", default="cpu", help="where the models run (cuda on a GPU; noise stays on the CPU)")
     p.add_argument("--update", default=None, help="comma-separated modes to re-measure into an existing OUT/table.json")
+    add_world_args(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -98,7 +96,7 @@ def main():
         atomic_write_text(args.out / "flux_dev_timing.json", json.dumps(timing, indent=2))
         print(json.dumps(timing, indent=2))
         return
-    world = SandboxWorld.load(args.weights).to(args.device)
+    world = load_world(args)
     (args.out / "loras").mkdir(exist_ok=True)
     cfg = EraseConfig(**({"steps": args.steps} if args.steps else {}))
     loras, train_s = {}, {}

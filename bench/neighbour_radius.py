@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from erase_core.io import atomic_write_text  # noqa: E402
 from erase_core.neighbour_preview import preview  # noqa: E402
 from erase_core.neighbours import NeighbourConfig  # noqa: E402
-from erase_core.sandbox.pipeline import SandboxWorld  # noqa: E402
+from bench.world_args import add_world_args, load_world  # noqa: E402
 
 BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.6)
 
@@ -27,9 +27,10 @@ def main():
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("bench/results/neighbour_radius.json"))
+    add_world_args(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    world = SandboxWorld.load()
+    world = load_world(args)
     cfg = NeighbourConfig(d1=1.6, d2=1.7, s1=1.0, s2=-1.0, m=args.m, n=0)
     out = {}
     for name in args.concepts.split(","):

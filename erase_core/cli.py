@@ -49,6 +49,8 @@ def _device(text: str) -> str:
     return text
 
 
+WEIGHTS_HELP = ("sandbox weights folder (default: erase_core/sandbox/weights_22k, the step-22,000 world with its own "
+                "sampler; erase_core/sandbox/weights is the step-16,000 world of the earlier benchmarks)")
 DEVICE_HELP = ("where the models run (e.g. cuda; default cpu); noise comes from CPU generators, so seeds mean the same "
                "on any device")
 
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     sbs = sb.add_subparsers(dest="action", required=True, parser_class=_Parser)
     t = sbs.add_parser("train", help="train the sandbox world from scratch (seeded; ~45-60 min on 2 cores)")
     t.add_argument("--out", type=Path, required=True, help="folder for the weights (the shipped ones live in "
-                   "erase_core/sandbox/weights)")
+                   "erase_core/sandbox/weights_22k and erase_core/sandbox/weights)")
     t.add_argument("--seed", type=int, default=0, help="random seed of every stage")
     t.add_argument("--flux-steps", type=_positive_int, default=None, help="denoiser training steps (default 4000)")
     t.add_argument("--t-mean", type=float, default=None,
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stages", default="tokenizer,autoencoder,classifier,flux",
                    help="comma-separated stages to run (later stages reuse earlier files in --out)")
     c = sbs.add_parser("check", help="the base-model quality bar: concept found in generated samples, per prompt")
-    c.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped sandbox)")
+    c.add_argument("--weights", type=Path, default=None, help=WEIGHTS_HELP)
     c.add_argument("--samples", type=_positive_int, default=64, help="samples per probe prompt")
     c.add_argument("--concepts", default=None, help="comma-separated concepts (default: all 24)")
     c.add_argument("--out", type=Path, default=None, help="write the table as FILE.md and FILE.json")
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="first sampling seed")
     _sampler_options(g)
     g.add_argument("--out", type=Path, required=True, help="PNG file for the grid")
-    g.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped sandbox)")
+    g.add_argument("--weights", type=Path, default=None, help=WEIGHTS_HELP)
 
     i = sub.add_parser("inspect", help="attention maps of a word while the sandbox generates a prompt")
     i.add_argument("--prompt", required=True, help="the prompt to generate")
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--suppress", type=float, default=None,
                    help="also suppress the word's columns by this factor in [0, 1) (0 removes them)")
     i.add_argument("--out", type=Path, required=True, help="output folder for inspect.png, mask.png and inspect.json")
-    i.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped sandbox)")
+    i.add_argument("--weights", type=Path, default=None, help=WEIGHTS_HELP)
 
     e = sub.add_parser("erase", help="train an erase-LoRA for a concept (on the sandbox world by default)")
     e.add_argument("--concept", required=True, help="the concept word to erase (a sandbox concept or alias)")
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic under it)")
     e.add_argument("--out", type=Path, required=True, help="LoRA file to write (.safetensors)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    e.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
+    e.add_argument("--weights", type=Path, default=None, help=WEIGHTS_HELP)
     e.add_argument("--device", type=_device, default="cpu", help=DEVICE_HELP)
 
     v = sub.add_parser("evaluate", help="Acc_e / Acc_ir / Acc_g / H_o of an erase-LoRA on the sandbox")
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--concept", required=True, help="the erased concept")
     v.add_argument("--samples", type=_positive_int, default=64, help="samples per prompt")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    v.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
+    v.add_argument("--weights", type=Path, default=None, help=WEIGHTS_HELP)
     v.add_argument("--device", type=_device, default="cpu", help=DEVICE_HELP)
 
     mg = sub.add_parser("merge", help="merge several erase-LoRAs into one (normalized, sum, concat, closed_form, "
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sandbox: also measure, per concept, the share of its single-LoRA erasure that survives "
                          "the merge, on this many samples")
     mg.add_argument("--world", type=Path, default=None,
-                    help="closed_form/distill: sandbox weights folder that provides the model (default: the shipped one)")
+                    help="closed_form/distill: the model's " + WEIGHTS_HELP)
 
     nb = sub.add_parser("neighbors", help="RealEra neighbour mining of a concept: labelled samples and what the "
                         "base (and an erased) model draws from each")
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--seed", type=int, default=0, help="mining and sampling seed")
     nb.add_argument("--lora", type=Path, default=None, help="an erase-LoRA: also show what the erased model draws")
     nb.add_argument("--out", type=Path, required=True, help="output folder for neighbors.png and neighbors.json")
-    nb.add_argument("--weights", type=Path, default=None, help="sandbox weights folder (default: the shipped one)")
+    nb.add_argument("--weights", type=Path, default=None, help=WEIGHTS_HELP)
 
     li = sub.add_parser("lora-info", help="show a LoRA file's metadata, layout and targets as JSON")
     li.add_argument("file", type=Path, help="LoRA file (.safetensors; diffusers, kohya or ComfyUI layout)")
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the README's main job on the sandbox: inspection, suppression and its failures")
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder for images and report.md")
     d.add_argument("--samples", type=_positive_int, default=64, help="samples per prompt for the rates")
+    d.add_argument("--weights", type=Path, default=None,
+                   help=WEIGHTS_HELP)
     return p
 
 
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            report = run_demo(args.out, samples=args.samples)
+            report = run_demo(args.out, samples=args.samples, weights=args.weights)
             print(f"demo report: {report}")
             return 0
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

@@ -113,14 +113,22 @@ def learned_erasure(world: SandboxWorld, concept: str, out: Path, samples: int, 
     return lines + [f"![erase {concept}](erase_{concept}.png)", "", f"![losses](losses_{concept}.png)", ""]
 
 
+def spread_steps(steps: int, k: int = 5) -> list[int]:
+    """``k`` sampling-step indices spread evenly from the first step to the last of a ``steps``-step sampler."""
+    return sorted({round(i * (steps - 1) / (k - 1)) for i in range(k)})
+
+
 def run_demo(out: str | Path, samples: int = 64, seed: int = 7, concepts=DEMO_CONCEPTS,
-             learned: str | None = "red") -> Path:
+             learned: str | None = "red", weights: str | Path | None = None) -> Path:
     """Write the demo's images and ``report.md`` into ``out``; returns the report's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    world = SandboxWorld.load()
-    lines = ["# Sandbox demo: attention inspection and deterministic suppression", ""]
+    world = SandboxWorld.load(weights)
+    sampler = world.sampler
+    lines = ["# Sandbox demo: attention inspection and deterministic suppression", "",
+             f"Sandbox weights: `{Path(weights).name if weights else 'weights_22k'}` (default world); sampler: "
+             f"{sampler.steps} Euler steps, CFG {sampler.cfg:g}, time shift {sampler.shift:g}.", ""]
 
     # 1. what the world draws
     tiles, rows = [], []
@@ -136,7 +144,7 @@ def run_demo(out: str | Path, samples: int = 64, seed: int = 7, concepts=DEMO_CO
     lines += ["## Attention inspection", ""]
     for prompt, word in (("a red circle in the west", "red"), ("a red circle in the west", "circle"),
                          ("a red circle in the west", "west")):
-        ins = inspect_sandbox(world, prompt, word, seed=seed, steps=[0, 3, 6, 9, 11])
+        ins = inspect_sandbox(world, prompt, word, seed=seed, steps=spread_steps(sampler.steps))
         name = f"inspect_{word}.png"
         inspection_grid(ins).save(out / name)
         atomic_write_text(out / f"inspect_{word}.json", json.dumps(ins.to_json(), indent=2))

@@ -52,9 +52,10 @@ def resolve_selection(available: Sequence, wanted: Sequence | None, what: str) -
 
 
 def inspect_sandbox(world, prompt: str, word: str, blocks: Sequence[str] | None = None,
-                    steps: Sequence[int] | None = None, seed: int = 0, n: int = 1, sample_steps: int = 12,
-                    cfg_scale: float = 3.0, suppress: float | None = None, transformer=None) -> Inspection:
-    """Generate ``n`` images of ``prompt`` on the sandbox world while capturing the maps of ``word``'s tokens."""
+                    steps: Sequence[int] | None = None, seed: int = 0, n: int = 1, sample_steps: int | None = None,
+                    cfg_scale: float | None = None, suppress: float | None = None, transformer=None) -> Inspection:
+    """Generate ``n`` images of ``prompt`` on the sandbox world while capturing the maps of ``word``'s tokens
+    (``sample_steps`` and ``cfg_scale`` default to the world's sampler)."""
     tokenized = tokenize_with_offsets(world.tokenizer, prompt)
     idx = token_indices(tokenized, word)
     model = transformer if transformer is not None else world.transformer

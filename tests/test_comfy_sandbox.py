@@ -130,13 +130,13 @@ def _engine_latents(world, prompt: str, seed: int, sigmas, cfg_scale: float):
     return unpack_latents(euler(velocity, world.noise(1, seed), sigmas), *world.latent_hw)
 
 
-def _ksample(nodes, model, clip, vae, prompt: str, seed: int, size: int):
+def _ksample(nodes, model, clip, vae, prompt: str, seed: int, size: int, steps: int, cfg: float):
     from comfy_extras.nodes_sd3 import EmptySD3LatentImage
 
     empty = EmptySD3LatentImage.execute(width=size, height=size, batch_size=1).result[0]
     pos = nodes.CLIPTextEncode().encode(clip, prompt)[0]
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = nodes.KSampler().sample(model, seed, 12, 3.0, "euler", "simple", pos, neg, empty)[0]
+    latent = nodes.KSampler().sample(model, seed, steps, cfg, "euler", "simple", pos, neg, empty)[0]
     return latent["samples"], nodes.VAEDecode().decode(vae, latent)[0]
 
 
@@ -144,16 +144,17 @@ def _measure_sampler(nodes, world, model, clip, vae) -> dict:
     import torch
     import comfy.samplers
 
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 12)
-    latent, image = _ksample(nodes, model, clip, vae, "a red circle", 0, world.cfg.image_size)
+    steps, cfg = world.sampler.steps, world.sampler.cfg  # the world's sampler.json (24 steps, CFG 3.5, shift 3)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
+    latent, image = _ksample(nodes, model, clip, vae, "a red circle", 0, world.cfg.image_size, steps, cfg)
     with torch.no_grad():
-        engine = _engine_latents(world, "a red circle", 0, sigmas.float(), 3.0)
+        engine = _engine_latents(world, "a red circle", 0, sigmas.float(), cfg)
     colours = []
     for seed in range(8):
-        _, img = _ksample(nodes, model, clip, vae, "a red circle", seed, world.cfg.image_size)
+        _, img = _ksample(nodes, model, clip, vae, "a red circle", seed, world.cfg.image_size, steps, cfg)
         colours.append(world.classify(img.movedim(-1, 1))["colour"][0])
-    big_latent, big_image = _ksample(nodes, model, clip, vae, "a red circle", 0, 2 * world.cfg.image_size)
-    return {"sigmas": [round(float(s), 6) for s in sigmas], "latent_shape": list(latent.shape),
+    big_latent, big_image = _ksample(nodes, model, clip, vae, "a red circle", 0, 2 * world.cfg.image_size, steps, cfg)
+    return {"steps": steps, "shift": world.sampler.shift, "sigmas": [round(float(s), 6) for s in sigmas], "latent_shape": list(latent.shape),
             "image_shape": list(image.shape), "image_std": float(image.std()), "engine_diff": _max_diff(latent, engine),
             "colours": colours, "big_latent_shape": list(big_latent.shape), "big_image_shape": list(big_image.shape)}
 
@@ -260,8 +261,11 @@ if __name__ != "__main__":
 
     def test_stock_ksampler_graph_draws_the_prompt(measured):
         s = measured["sampler"]
-        # FluxSchnell = ModelSamplingDiscreteFlow(shift 1, multiplier 1): 'simple' steps down a 1000-entry table
-        expected = [1.0 - int(i * 1000 / 12) / 1000 for i in range(12)] + [0.0]
+        # FluxSchnell = ModelSamplingDiscreteFlow(multiplier 1) with the world's shift (3): 'simple' steps down a
+        # 1000-entry table of shifted times σ' = 3σ / (1 + 2σ)
+        assert (s["steps"], s["shift"]) == (24, 3.0)
+        times = [1.0 - int(i * 1000 / 24) / 1000 for i in range(24)]
+        expected = [3 * t / (1 + 2 * t) for t in times] + [0.0]
         assert s["sigmas"] == pytest.approx(expected, abs=1e-6)
         assert s["latent_shape"] == [1, 16, 8, 8] and s["image_shape"] == [1, 32, 32, 3]
         assert s["image_std"] > 0.05

@@ -61,3 +61,12 @@ def test_demo_runs_end_to_end_with_few_samples(tmp_path):
     for name in ("sandbox_grid.png", "inspect_red.png", "suppress_red.png", "suppression.json"):
         assert (tmp_path / name).exists(), name
     assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_demo_reads_steps_spread_over_the_worlds_sampler():
+    """The demo's heatmap columns follow the world's sampler: first, last and evenly between, never past the end."""
+    from erase_core.demo import spread_steps
+
+    assert spread_steps(24) == [0, 6, 12, 17, 23]
+    assert spread_steps(12) == [0, 3, 6, 8, 11]
+    assert spread_steps(3) == [0, 1, 2] and spread_steps(1) == [0]

@@ -100,9 +100,13 @@ def load_sandbox_model(world, dtype: torch.dtype = torch.float32, weights_dir: s
                            "(Flux without a guidance embedding); the sandbox weights may be damaged")
     fmt = sandbox_latent_format(world.cfg)
     patcher.model.latent_format = fmt
+    # the world's time shift (its sampler.json; FluxSchnell's own is 1): KSampler's schedules then step down the same
+    # shifted times σ' = shift·σ / (1 + (shift − 1)·σ) as the engine's sampler
+    sampling = patcher.model.model_sampling
+    sampling.set_parameters(shift=world.sampler.shift, multiplier=sampling.multiplier)
     patcher.model.model_config.latent_format = fmt
     # how ComfyUI re-creates a MODEL for a deep copy (``clone(force_deepcopy=True)``, what trainers use); ``world``
-    # must come from ``weights_dir`` (default: the shipped weights)
+    # must come from ``weights_dir`` (default: the shipped step-22,000 world)
     patcher.cached_patcher_init = (sandbox_model_patcher, (str(weights_dir) if weights_dir else None, dtype))
     log.info("sandbox MODEL loaded as %s (%d double, %d single blocks, %s)", kind,
              len(patcher.model.diffusion_model.double_blocks), len(patcher.model.diffusion_model.single_blocks), dtype)
@@ -358,7 +362,7 @@ def sandbox_vae(world) -> Any:
 
 # --- all three -------------------------------------------------------------------------------------------------------
 def load_sandbox_comfy(weights_dir: str | Path | None = None) -> tuple[Any, Any, Any]:
-    """``(MODEL, CLIP, VAE)`` of the sandbox world in ``weights_dir`` (default: the shipped weights)."""
+    """``(MODEL, CLIP, VAE)`` of the sandbox world in ``weights_dir`` (default: the shipped step-22,000 world)."""
     from ..sandbox.pipeline import SandboxWorld
 
     world = SandboxWorld.load(weights_dir)

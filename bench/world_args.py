@@ -1,0 +1,27 @@
+"""The sandbox-world options of every benchmark: which weights (their ``sampler.json`` sets the sampler) and where
+the models run. Results record both, so a stored table says which world it was measured on."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from erase_core.cli import DEVICE_HELP, WEIGHTS_HELP, _device
+
+
+def add_world_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, default=None, help=WEIGHTS_HELP)
+    p.add_argument("--device", type=_device, default="cpu", help=DEVICE_HELP)
+
+
+def load_world(args: argparse.Namespace):
+    """The world of ``--weights`` on ``--device``."""
+    from erase_core.sandbox.pipeline import SandboxWorld
+
+    return SandboxWorld.load(args.weights).to(args.device)
+
+
+def world_name(args: argparse.Namespace) -> str:
+    """The weights folder's name (``weights_22k`` for the default world), for tables and titles."""
+    from erase_core.sandbox.pipeline import WEIGHTS_DIR
+
+    return Path(args.weights or WEIGHTS_DIR).name
