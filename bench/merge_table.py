@@ -32,7 +32,7 @@ from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
 from erase_core.sandbox.world import CONCEPTS  # noqa: E402
 from erase_core.train import EraseConfig, erase  # noqa: E402
-from bench.world_args import add_world_args, load_world  # noqa: E402
+from bench.world_args import add_world_args, load_world, world_name  # noqa: E402
 
 log = logging.getLogger("bench")
 KEEP = ("moon", "green", "north", "southeast")  # never erased: the Acc_ir witnesses
@@ -187,7 +187,10 @@ def main():
     render.line_plot({m: [(s["n"], 100 * s["mean_efficacy_share"]) for s in v] for m, v in sweep.items()},
                      "share of single-LoRA erasure kept", "LoRAs merged", "%", ylim=(0, 110)).save(
         args.out / "dilution.png")
-    report = {"machine": machine, "samples": args.samples, "erased": list(ORDER), "kept": list(KEEP), "base": base,
+    sm = world.sampler
+    report = {"machine": machine, "weights": world_name(args),
+              "sampler": {"steps": sm.steps, "cfg": sm.cfg, "shift": sm.shift},
+              "samples": args.samples, "erased": list(ORDER), "kept": list(KEEP), "base": base,
               "base_synonyms": base_synonyms, "base_composite": base_composite, "composite_prompts": list(COMPOSITE),
               "distill_config": DistillConfig().to_dict(),
               "single": single, "train_seconds": prev["train_seconds"] if prev else train_s, "modes": results,
@@ -216,8 +219,10 @@ def _previous(args) -> dict:
 def write_markdown(report: dict, out: Path) -> None:
     """table.md from a table.json report (``--markdown-only`` re-renders it without measuring again)."""
     results, sweep, n_erased = report["modes"], report["sweep"], len(report["erased"])
-    md = [f"Merging {n_erased} erase-LoRAs on the sandbox ({report['samples']} samples per prompt; "
-          f"{report['machine']}).", "",
+    world = report.get("weights", "weights (step 16,000)")  # tables before 2026-11-23 do not name it
+    sampler = report.get("sampler", {"steps": 12, "cfg": 3.0, "shift": 1.0})
+    md = [f"Merging {n_erased} erase-LoRAs on the sandbox ({report['samples']} samples per prompt; {report['machine']}; "
+          f"world {world}, sampler {sampler['steps']} steps / CFG {sampler['cfg']:g} / shift {sampler['shift']:g}).", "",
           "| mode | mean share of single-LoRA erasure kept | concepts ≥ 90 % kept | worst concept | Acc_ir (% of base) "
           "| Acc_ir, synonyms (% of base) | Acc_ir, composite prompts (% of base) | merge s |",
           "|---|---|---|---|---|---|---|---|"]
