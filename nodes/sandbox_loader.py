@@ -16,7 +16,9 @@ class SandboxLoader(io.ComfyNode):
             category=f"{CATEGORY}/sandbox",
             description="Loads the pack's tiny Flux-architecture sandbox model (32×32 images of coloured shapes in "
                         "placements), its text encoder and autoencoder. Use width/height 32 on our nodes and on stock "
-                        "empty latents (EmptySD3LatentImage 32×32: KSampler resizes it to the 4× VAE's 8×8 latent).",
+                        "empty latents (EmptySD3LatentImage 32×32: KSampler resizes it to the 4× VAE's 8×8 latent). "
+                        "Sample it as it was measured: euler / simple, 24 steps, cfg 3.5 (the loader sets the model's "
+                        "time shift, 3, so KSampler walks the same schedule as the engine).",
             inputs=[],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.Vae.Output(display_name="vae")])
