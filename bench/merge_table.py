@@ -82,6 +82,8 @@ def main():
     p.add_argument("--markdown-only", action="store_true", help="re-render OUT/table.md from OUT/table.json")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--update", default=None, help="comma-separated modes to re-measure into an existing OUT/table.json")
+    p.add_argument("--sweep-modes", default="normalized,concat,distill",
+                   help="modes measured at 3 / 5 / 10 / 20 LoRAs (the dilution plot; distill costs a distillation each)")
     add_world_args(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -172,7 +174,7 @@ def main():
                  results[mode]["acc_ir_of_base"])
     for n in (3, 5, 10, 20):
         names = ORDER[:n]
-        for mode in ("normalized", "concat", "distill"):
+        for mode in args.sweep_modes.split(","):
             if mode not in modes:
                 continue
             if n == 3:
