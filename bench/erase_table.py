@@ -181,10 +181,9 @@ def main():
                 ablation_rows.append(row(name, label, m, base, seconds))
                 save()  # readable midway
         save()
-    sm = world.sampler
     md = markdown(rows, f"Erasure on the sandbox ({args.samples} samples per prompt, "
                         f"{args.steps or EraseConfig().steps} steps, {torch.get_num_threads()} threads; weights "
-                        f"{world_name(args)}, sampler {sm.steps} steps / CFG {sm.cfg:g} / shift {sm.shift:g})")
+                        f"{world_name(args)}, sampler {world.sampler.label()})")
     if ablation_rows:
         md += "\n" + markdown(ablation_rows, "Ablation over the loss terms")
     atomic_write_text(args.out / "table.md", md)

@@ -10,6 +10,7 @@ Usage: python bench/merge_table.py [--samples 32] [--out bench/results/merge] [-
 LoRAs are cached in OUT/loras (delete them to retrain). Writes table.md, table.json, dilution.png, interference.png.
 """
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -29,6 +30,7 @@ from erase_core.lora_file import LoraFile, LoraModule, model_fingerprint, read_l
 from erase_core.merge import MODES, MergeConfig, interference, interference_summary, merge  # noqa: E402
 from erase_core.merge_distill import DistillConfig, distill_merge  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
+from erase_core.sandbox.pipeline import SamplerDefaults  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
 from erase_core.sandbox.world import CONCEPTS  # noqa: E402
 from erase_core.train import EraseConfig, erase  # noqa: E402
@@ -189,9 +191,7 @@ def main():
     render.line_plot({m: [(s["n"], 100 * s["mean_efficacy_share"]) for s in v] for m, v in sweep.items()},
                      "share of single-LoRA erasure kept", "LoRAs merged", "%", ylim=(0, 110)).save(
         args.out / "dilution.png")
-    sm = world.sampler
-    report = {"machine": machine, "weights": world_name(args),
-              "sampler": {"steps": sm.steps, "cfg": sm.cfg, "shift": sm.shift},
+    report = {"machine": machine, "weights": world_name(args), "sampler": dataclasses.asdict(world.sampler),
               "samples": args.samples, "erased": list(ORDER), "kept": list(KEEP), "base": base,
               "base_synonyms": base_synonyms, "base_composite": base_composite, "composite_prompts": list(COMPOSITE),
               "distill_config": DistillConfig().to_dict(),
@@ -222,9 +222,9 @@ def write_markdown(report: dict, out: Path) -> None:
     """table.md from a table.json report (``--markdown-only`` re-renders it without measuring again)."""
     results, sweep, n_erased = report["modes"], report["sweep"], len(report["erased"])
     world = report.get("weights", "weights (step 16,000)")  # tables before 2026-11-23 do not name it
-    sampler = report.get("sampler", {"steps": 12, "cfg": 3.0, "shift": 1.0})
+    sampler = SamplerDefaults(**report.get("sampler", {}))  # older tables: the step-16,000 world's defaults
     md = [f"Merging {n_erased} erase-LoRAs on the sandbox ({report['samples']} samples per prompt; {report['machine']}; "
-          f"world {world}, sampler {sampler['steps']} steps / CFG {sampler['cfg']:g} / shift {sampler['shift']:g}).", "",
+          f"world {world}, sampler {sampler.label()}).", "",
           "| mode | mean share of single-LoRA erasure kept | concepts ≥ 90 % kept | worst concept | Acc_ir (% of base) "
           "| Acc_ir, synonyms (% of base) | Acc_ir, composite prompts (% of base) | merge s |",
           "|---|---|---|---|---|---|---|---|"]

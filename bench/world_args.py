@@ -22,6 +22,6 @@ def load_world(args: argparse.Namespace):
 
 def world_name(args: argparse.Namespace) -> str:
     """The weights folder's name (``weights_22k`` for the default world), for tables and titles."""
-    from erase_core.sandbox.pipeline import WEIGHTS_DIR
+    from erase_core.sandbox.pipeline import weights_name
 
-    return Path(args.weights or WEIGHTS_DIR).name
+    return weights_name(args.weights)

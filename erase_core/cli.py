@@ -113,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, default=None, help="write the table as FILE.md and FILE.json")
     c.add_argument("--seed", type=int, default=1000, help="first sampling seed")
     _sampler_options(c)
-    c.add_argument("--device", type=_device, default="cpu", help="where to run the models (e.g. cuda); the noise is drawn on the "
-                   "CPU, so a seed means the same starting latent on every device")
+    c.add_argument("--device", type=_device, default="cpu", help=DEVICE_HELP)
     g = sbs.add_parser("generate", help="generate a grid of images from prompts")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several rows)")
     g.add_argument("--n", type=_positive_int, default=8, help="images per prompt")

@@ -16,7 +16,7 @@ from . import evaluate, render
 from .flux.attention import AttentionPatch
 from .inspect import inspect_sandbox, inspection_grid
 from .io import atomic_write_text
-from .sandbox.pipeline import SandboxWorld
+from .sandbox.pipeline import SandboxWorld, weights_name
 from .sandbox.prompts import concept_prompt
 from .sandbox.world import CONCEPTS
 from .tokens import word_token_indices
@@ -127,8 +127,7 @@ def run_demo(out: str | Path, samples: int = 64, seed: int = 7, concepts=DEMO_CO
     world = SandboxWorld.load(weights)
     sampler = world.sampler
     lines = ["# Sandbox demo: attention inspection and deterministic suppression", "",
-             f"Sandbox weights: `{Path(weights).name if weights else 'weights_22k'}` (default world); sampler: "
-             f"{sampler.steps} Euler steps, CFG {sampler.cfg:g}, time shift {sampler.shift:g}.", ""]
+             f"Sandbox weights: `{weights_name(weights)}`; sampler: {sampler.label()} (Euler).", ""]
 
     # 1. what the world draws
     tiles, rows = [], []

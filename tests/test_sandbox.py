@@ -132,6 +132,7 @@ def test_weights_carry_their_sampler(world, tmp_path):
     from erase_core.sandbox.pipeline import SamplerDefaults, SandboxWorld, WEIGHTS_16K_DIR, WEIGHTS_DIR
 
     assert world.sampler == SamplerDefaults(steps=24, cfg=3.5, shift=3.0)
+    assert world.sampler.label() == "24 steps / CFG 3.5 / shift 3"  # how tables and the demo name it
     assert SandboxWorld.load(WEIGHTS_16K_DIR).sampler == SamplerDefaults(steps=12, cfg=3.0, shift=1.0)
     w22 = SandboxWorld.load(WEIGHTS_DIR)  # a private copy: its sampler is changed below
     w22.sampler = SamplerDefaults(steps=3, cfg=2.0, shift=3.0)  # shorter, same code path

@@ -61,11 +61,20 @@ class SamplerDefaults:
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 
+    def label(self) -> str:
+        """``24 steps / CFG 3.5 / shift 3``: how tables and reports name the sampler."""
+        return f"{self.steps} steps / CFG {self.cfg:g} / shift {self.shift:g}"
+
     def resolve(self, steps: int | None = None, cfg: float | None = None,
                 shift: float | None = None) -> tuple[int, float, float]:
         """(steps, cfg, shift): the ones given, these defaults for the rest."""
         return (self.steps if steps is None else steps, self.cfg if cfg is None else cfg,
                 self.shift if shift is None else shift)
+
+
+def weights_name(weights_dir: str | Path | None = None) -> str:
+    """The folder name of ``weights_dir`` (``weights_22k`` for the default world), for tables and reports."""
+    return Path(weights_dir or WEIGHTS_DIR).name
 
 
 def _load_module(module: torch.nn.Module, path: Path) -> torch.nn.Module:
