@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eraseanything (bi-level, default), eraseanything+neighbors (with RealEra's mined neighbours "
                         "and beyond-concept samples), esd (ESD loss only), ca (concept ablation to an anchor), "
                         "uce (closed-form text K/V edit) or realera (closed form with neighbours + noise alignment)")
-    e.add_argument("--steps", type=_positive_int, default=None, help="outer training steps (default 100)")
+    e.add_argument("--steps", type=_positive_int, default=None, help="outer training steps (default 200)")
     e.add_argument("--seed", type=int, default=0, help="random seed (training is deterministic under it)")
     e.add_argument("--out", type=Path, required=True, help="LoRA file to write (.safetensors)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -47,7 +47,9 @@ class EraseConfig:
     """Every knob of one erase; validated on creation and stored in the LoRA's metadata."""
 
     method: Method = "eraseanything"
-    steps: int = 100  # outer steps
+    # outer steps. 200 since the step-22,000 world became the default: at 100 it left `square` 53 % and `orange` 75 %
+    # found, at 200 38 % and 16 % with the other shapes/colours kept (bench/results/erase_22k/time_shift_probe.txt)
+    steps: int = 200
     inner_steps: int = 1  # lower-level (erase) steps per outer step
     upper_steps: int = 1  # upper-level (preserve) steps per outer step
     batch: int = 8

@@ -10,7 +10,7 @@ a throw-away user / output / temp / input directory, ``OMP_NUM_THREADS=1``), ope
 ``workflows/sandbox_<name>.json``:
 
 * loads the UI-format workflow into the page (``app.loadGraphData``);
-* lowers every Erase Concept's ``steps`` to ``--erase-steps`` (30; the shipped 100 take ~3× longer on a CPU), sets
+* lowers every Erase Concept's ``steps`` to ``--erase-steps`` (30; the shipped 200 take ~6× longer on a CPU), sets
   its ``synonyms`` where ``--synonyms concept=list`` asks, and, only if a LoRA of that name already exists under
   ``models/loras/erase_flux/``, renames the LoRA this run saves;
 * queues it from the page (``app.queuePrompt(0)``, as the Run button does) and waits for its ``/history`` entry;
