@@ -41,7 +41,7 @@ NODE_IDS = ("EraseFlux_SandboxLoader", "EraseFlux_AttentionInspect", "EraseFlux_
 SANDBOX_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("sandbox_*.json"))
 FLUX_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("flux_*.json"))
 MODEL_FILE_INPUTS = {"unet_name", "clip_name1", "clip_name2", "vae_name"}
-E2E_ERASE_STEPS = 8  # the workflows' EraseConcept steps (100; 20 in the merge) lowered for speed
+E2E_ERASE_STEPS = 8  # the workflows' EraseConcept steps (200; 20 in the merge) lowered for speed
 START_TIMEOUT, PROMPT_TIMEOUT = 300, 600
 RUN = f"e2e{os.getpid()}"
 
