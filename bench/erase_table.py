@@ -8,7 +8,6 @@ Writes table.md, table.json and grid_<concept>.png into --out. Slow: minutes per
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
 from erase_core.sandbox.world import CONCEPTS  # noqa: E402
 from erase_core.train import EraseConfig, erase  # noqa: E402
-from bench.world_args import add_world_args, load_world, world_name  # noqa: E402
+from bench.world_args import add_world_args, load_world, start_run, world_name  # noqa: E402
 
 ABLATION = {  # relative to EraseConfig's defaults; the last four undo one of our departures from the paper each
     "L_esd": dict(method="esd"),
@@ -140,9 +139,7 @@ def main():
                    help="skip the attention-suppression row (deterministic: the same in every run)")
     add_world_args(p)
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     world = load_world(args)
     rows, ablation_rows = [], []
 

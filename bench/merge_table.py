@@ -34,7 +34,7 @@ from erase_core.sandbox.pipeline import SamplerDefaults  # noqa: E402
 from erase_core.sandbox.prompts import concept_prompt  # noqa: E402
 from erase_core.sandbox.world import CONCEPTS  # noqa: E402
 from erase_core.train import EraseConfig, erase  # noqa: E402
-from bench.world_args import add_world_args, load_world, world_name  # noqa: E402
+from bench.world_args import add_world_args, load_world, start_run, world_name  # noqa: E402
 
 log = logging.getLogger("bench")
 KEEP = ("moon", "green", "north", "southeast")  # never erased: the Acc_ir witnesses
@@ -88,9 +88,7 @@ def main():
                    help="modes measured at 3 / 5 / 10 / 20 LoRAs (the dilution plot; distill costs a distillation each)")
     add_world_args(p)
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if args.markdown_only:
         write_markdown(json.loads((args.out / "table.json").read_text()), args.out)

@@ -23,7 +23,7 @@ from erase_core.neighbours import NeighbourConfig  # noqa: E402
 from erase_core.realera import realera  # noqa: E402
 from erase_core.sandbox.erase_sets import sandbox_concept_set  # noqa: E402
 from erase_core.train import EraseConfig  # noqa: E402
-from bench.world_args import add_world_args, load_world  # noqa: E402
+from bench.world_args import add_world_args, load_world, start_run  # noqa: E402
 from erase_table import markdown, others_of, row  # noqa: E402
 
 D = NeighbourConfig()
@@ -46,9 +46,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     add_world_args(p)
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     world = load_world(args)
     rows = []
     for name in args.concepts.split(","):

@@ -3,7 +3,10 @@ the models run. Results record both, so a stored table says which world it was m
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+import torch
 
 from erase_core.cli import DEVICE_HELP, WEIGHTS_HELP, _device
 
@@ -25,3 +28,10 @@ def world_name(args: argparse.Namespace) -> str:
     from erase_core.sandbox.pipeline import weights_name
 
     return weights_name(args.weights)
+
+
+def start_run(args: argparse.Namespace) -> None:
+    """What every benchmark does first: timestamped INFO logs, ``--threads`` torch threads, the ``--out`` folder."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
