@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from web_check import launch_chromium, open_comfy_page  # noqa: E402
 
-FIRST_PORT = 8195
 VIEW_W, VIEW_H = 1400, 900
 NAMES = ("sandbox_inspect", "sandbox_suppress", "sandbox_erase", "sandbox_merge", "sandbox_neighbours")
 MIN_SHOT_STD = 10.0
@@ -150,15 +149,11 @@ FIT = r"""(async (maxScale, margin) => {
 })"""
 
 
-def free_port(first: int) -> int:
-    for port in range(first, first + 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise SystemExit(f"no free port in {first}..{first + 199}")
+def free_port() -> int:
+    """A port the OS says is free now (bind to 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def grey_std(png: Path) -> float:
@@ -313,7 +308,7 @@ def main(argv=None) -> int:
     loras_dir = comfy / "models" / "loras" / "erase_flux"
     tmp = Path(tempfile.mkdtemp(prefix="erase_flux_shots_"))
     profile = tempfile.mkdtemp(prefix="erase_flux_chromium_")
-    port = free_port(FIRST_PORT)
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = browser = None
     created: list[Path] = []
