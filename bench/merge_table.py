@@ -86,6 +86,10 @@ def main():
     p.add_argument("--update", default=None, help="comma-separated modes to re-measure into an existing OUT/table.json")
     p.add_argument("--sweep-modes", default="normalized,concat,distill",
                    help="modes measured at 3 / 5 / 10 / 20 LoRAs (the dilution plot; distill costs a distillation each)")
+    p.add_argument("--distill-steps", type=int, default=None, help="distill steps (default: DistillConfig's)")
+    p.add_argument("--distill-balance", default=None, help="distill balance: uniform, relative or adaptive")
+    p.add_argument("--distill-images", type=int, default=None, help="x_0 per LoRA (default: DistillConfig's)")
+    p.add_argument("--distill-guided", action="store_true", help="distill with guided_targets (DistillConfig)")
     add_world_args(p)
     args = p.parse_args()
     start_run(args)
@@ -98,6 +102,9 @@ def main():
         atomic_write_text(args.out / "flux_dev_timing.json", json.dumps(timing, indent=2))
         print(json.dumps(timing, indent=2))
         return
+    distill_cfg = DistillConfig(**{k: v for k, v in (("steps", args.distill_steps), ("balance", args.distill_balance),
+                                                      ("images", args.distill_images),
+                                                      ("guided_targets", args.distill_guided or None)) if v is not None})
     world = load_world(args)
     (args.out / "loras").mkdir(exist_ok=True)
     cfg = EraseConfig(**({"steps": args.steps} if args.steps else {}))
@@ -156,7 +163,7 @@ def main():
         if mode == "closed_form":
             return merge(files, MergeConfig(mode=mode), ci, pi, names=list(names))
         prompts, keep = distill_prompts(files, list(KEEP))
-        merged, history = distill_merge(world, files, MergeConfig(mode=mode), prompts, keep, ci, pi, DistillConfig(),
+        merged, history = distill_merge(world, files, MergeConfig(mode=mode), prompts, keep, ci, pi, distill_cfg,
                                         names=list(names))
         log.info("distill of %d: losses first %s, last %s", len(names), history[0], history[-1])
         return merged
@@ -192,7 +199,7 @@ def main():
     report = {"machine": machine, "weights": world_name(args), "sampler": dataclasses.asdict(world.sampler),
               "samples": args.samples, "erased": list(ORDER), "kept": list(KEEP), "base": base,
               "base_synonyms": base_synonyms, "base_composite": base_composite, "composite_prompts": list(COMPOSITE),
-              "distill_config": DistillConfig().to_dict(),
+              "distill_config": distill_cfg.to_dict() if "distill" in modes else (prev or {}).get("distill_config"),
               "single": single, "train_seconds": prev["train_seconds"] if prev else train_s, "modes": results,
               "sweep": sweep, "interference": summary,
               "updated": [*(prev or {}).get("updated", []), {"modes": modes, "machine": machine,

@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="distill: how the LoRAs share the teacher term: relative (default; each LoRA's error over how "
                          "far it moves the base), uniform (every row alike) or adaptive (relative, lagging LoRAs "
                          "weighted up)")
+    mg.add_argument("--distill-guided", action=argparse.BooleanOptionalAction, default=None,
+                    help="distill: fit each teacher's velocity under the sampler's classifier-free guidance with the "
+                         "base's unconditional branch (DistillConfig.guided_targets; no effect at guidance 1, as "
+                         "Flux-dev samples; default off)")
     mg.add_argument("--out", type=Path, required=True, help="merged LoRA file to write (.safetensors)")
     mg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     mg.add_argument("--report", type=Path, default=None,

@@ -12,6 +12,15 @@ on P_i (the merged model must follow teacher i's trajectory, which leaves the co
 teachers' velocities are computed once, without gradients, by forward hooks on the one base model
 (:mod:`erase_core.flux.deltas`): n LoRAs cost n short passes, then each step is one forward and backward of the
 student, whatever n is.
+
+Under classifier-free guidance the sampler follows v(∅) + g·(v(p) − v(∅)), and an erase-LoRA moves both branches:
+part of its erasure is its change of the unconditional velocity. The merged LoRA keeps v(∅) at the base's (∅ is a
+preserved prompt: twenty different changes of it cannot all be kept), so with ``guided_targets`` teacher i's target
+on p is the conditional velocity that gives teacher i's guided velocity with the base's unconditional branch:
+
+    v_i*(x_t, t, p) = v_i(x_t, t, p) + (1 − g)/g · (v_i(x_t, t, ∅) − v_0(x_t, t, ∅))
+
+with g the world's guidance scale (for Flux-dev, sampled at g = 1, the correction vanishes).
 """
 from __future__ import annotations
 
@@ -55,6 +64,9 @@ class DistillConfig:
     # measured against how far its teacher moves the base, E‖v_i − v_0‖², so a LoRA with a subtle edit is fitted as
     # closely as one with a large edit), "adaptive" (relative, and LoRAs whose relative error lags get more weight)
     balance: str = "relative"
+    # teacher targets that reproduce each teacher's guided velocity with the base's unconditional branch (module
+    # docstring); off: the teachers' conditional velocities as they are
+    guided_targets: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -118,6 +130,12 @@ def _pool(world, backend, prompts: list[str], x0: torch.Tensor, factors, gen: to
     x_t = noised(x0, noise, t)
     with added_deltas(backend, factors):
         v = _velocities(backend, x_t, t, text, index, cfg.batch)
+    g = float(world.cfg_scale)
+    if cfg.guided_targets and factors and g != 1.0:
+        empty, rows = world.encode([""]), torch.zeros(len(x_t), dtype=torch.long)
+        with added_deltas(backend, factors):
+            u_i = _velocities(backend, x_t, t, empty, rows, cfg.batch)
+        v = v + (1 - g) / g * (u_i - _velocities(backend, x_t, t, empty, rows, cfg.batch))
     return _Pool(x_t, t, index, v, text, torch.full((len(x_t),), owner, dtype=torch.long))
 
 

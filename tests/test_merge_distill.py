@@ -100,6 +100,26 @@ def test_teacher_gaps_are_each_loras_mean_squared_move():
     assert torch.allclose(teacher_gaps(ZeroBase(), pool, 2, batch=2), torch.tensor([1.0, 4.0]))
 
 
+def test_guided_targets_give_the_teachers_guided_velocity_with_the_bases_uncond(world):
+    """(1 − g)·v_0(∅) + g·v_i* = (1 − g)·v_i(∅) + g·v_i(p): what the sampler follows under teacher i."""
+    from erase_core.merge_distill import distill_pools
+
+    lf, g = _random_lora(world, 0, scale=0.2), world.cfg_scale
+    assert g != 1.0
+    cfg = dataclasses.replace(TINY, guided_targets=True)
+    teach, _ = distill_pools(world, [lf], [["a red shape"]], [""], cfg)
+    plain, _ = distill_pools(world, [lf], [["a red shape"]], [""], dataclasses.replace(cfg, guided_targets=False))
+    assert torch.equal(teach.x_t, plain.x_t) and torch.equal(teach.t, plain.t)
+    backend, empty = world.backend(), world.encode([""] * len(teach.x_t))
+    with torch.no_grad():
+        u_0 = backend.velocity(teach.x_t, teach.t, empty)
+        with added_deltas(backend, folded_factors(lf)):
+            u_i = backend.velocity(teach.x_t, teach.t, empty)
+    assert (u_i - u_0).abs().max() > 1e-2  # the LoRA moves the unconditional branch
+    diff = ((1 - g) * u_0 + g * teach.target) - ((1 - g) * u_i + g * plain.target)
+    assert diff.abs().max() < 1e-4
+
+
 def test_bad_distill_input_is_named(world):
     lf = _random_lora(world, 0)
     for bad, field in [({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"preserve_weight": float("nan")},
@@ -121,12 +141,13 @@ def test_merge_command_distills(tmp_path, capsys, world):
     paths = [write_lora_file(_random_lora(world, s), tmp_path / f"{s}.safetensors") for s in (0, 1)]
     out = tmp_path / "m.safetensors"
     assert main(["merge", *map(str, paths), "--mode", "distill", "--distill-steps", "2", "--distill-batch", "2",
-                 "--distill-images", "2", "--distill-balance", "uniform", "--preserve", "moon",
+                 "--distill-images", "2", "--distill-balance", "uniform", "--distill-guided", "--preserve", "moon",
                  "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["mode"] == "distill"
     merged = read_lora_file(out)
     assert merged.meta["method"] == "merge:distill" and merged.meta["merge"]["init"] == "closed_form"
     assert merged.meta["merge"]["distill"]["steps"] == 2 and merged.meta["merge"]["distill"]["balance"] == "uniform"
+    assert merged.meta["merge"]["distill"]["guided_targets"] is True
 
 
 def test_cli_balance_choices_are_the_engines():

@@ -117,6 +117,11 @@ class SandboxWorld:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def cfg_scale(self) -> float:
+        """The sampler's classifier-free guidance (as :class:`~erase_core.comfy.world.ComfyWorld` names it)."""
+        return self.sampler.cfg
+
     def to(self, device: str | torch.device) -> "SandboxWorld":
         """Move every model to ``device`` (e.g. ``cuda``); noise is still drawn on the CPU, so seeds keep their images."""
         for m in (self.text_encoder, self.autoencoder, self.transformer, self.classifier):
