@@ -239,7 +239,10 @@ def write_markdown(report: dict, out: Path) -> None:
         if mode == "closed_form":
             label = f"closed_form (λ = {r['preserve_weight']:g})"
         elif mode == "distill":
-            label = f"distill (from closed_form λ = {r['preserve_weight']:g})"
+            dc = report.get("distill_config") or {}
+            how = (f"{dc['steps']} steps, {dc['balance']} balance{', guided targets' if dc.get('guided_targets') else ''}; "
+                   if dc else "")
+            label = f"distill ({how}from closed_form λ = {r['preserve_weight']:g})"
         md.append(f"| {label} | {100 * r['mean_efficacy_share']:.0f}% | {r['concepts_at_90']} / {n_erased} "
                   f"| {worst} {100 * r['efficacy_share'][worst]:.0f}% | {r['acc_ir_of_base']:.0f}% "
                   f"| {r['acc_ir_synonyms_of_base']:.0f}% | {r['acc_ir_composite_of_base']:.0f}% "
