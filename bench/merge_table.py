@@ -102,9 +102,9 @@ def main():
         atomic_write_text(args.out / "flux_dev_timing.json", json.dumps(timing, indent=2))
         print(json.dumps(timing, indent=2))
         return
-    distill_cfg = DistillConfig(**{k: v for k, v in (("steps", args.distill_steps), ("balance", args.distill_balance),
-                                                      ("images", args.distill_images),
-                                                      ("guided_targets", args.distill_guided or None)) if v is not None})
+    given = {"steps": args.distill_steps, "balance": args.distill_balance, "images": args.distill_images,
+             "guided_targets": args.distill_guided or None}
+    distill_cfg = DistillConfig(**{k: v for k, v in given.items() if v is not None})
     world = load_world(args)
     (args.out / "loras").mkdir(exist_ok=True)
     cfg = EraseConfig(**({"steps": args.steps} if args.steps else {}))
@@ -240,8 +240,8 @@ def write_markdown(report: dict, out: Path) -> None:
             label = f"closed_form (λ = {r['preserve_weight']:g})"
         elif mode == "distill":
             dc = report.get("distill_config") or {}
-            how = (f"{dc['steps']} steps, {dc['balance']} balance{', guided targets' if dc.get('guided_targets') else ''}; "
-                   if dc else "")
+            guided = ", guided targets" if dc.get("guided_targets") else ""
+            how = f"{dc['steps']} steps, {dc['balance']} balance{guided}; " if dc else ""
             label = f"distill ({how}from closed_form λ = {r['preserve_weight']:g})"
         md.append(f"| {label} | {100 * r['mean_efficacy_share']:.0f}% | {r['concepts_at_90']} / {n_erased} "
                   f"| {worst} {100 * r['efficacy_share'][worst]:.0f}% | {r['acc_ir_of_base']:.0f}% "

@@ -130,8 +130,8 @@ def _pool(world, backend, prompts: list[str], x0: torch.Tensor, factors, gen: to
     x_t = noised(x0, noise, t)
     with added_deltas(backend, factors):
         v = _velocities(backend, x_t, t, text, index, cfg.batch)
-    g = float(world.cfg_scale)
-    if cfg.guided_targets and factors and g != 1.0:
+    g = float(world.cfg_scale) if cfg.guided_targets and factors else 1.0
+    if g != 1.0:
         empty, rows = world.encode([""]), torch.zeros(len(x_t), dtype=torch.long)
         with added_deltas(backend, factors):
             u_i = _velocities(backend, x_t, t, empty, rows, cfg.batch)
