@@ -90,6 +90,7 @@ def main():
     p.add_argument("--distill-balance", default=None, help="distill balance: uniform, relative or adaptive")
     p.add_argument("--distill-images", type=int, default=None, help="x_0 per LoRA (default: DistillConfig's)")
     p.add_argument("--distill-guided", action="store_true", help="distill with guided_targets (DistillConfig)")
+    p.add_argument("--distill-seed", type=int, default=None, help="distill seed (default: DistillConfig's, 0)")
     add_world_args(p)
     args = p.parse_args()
     start_run(args)
@@ -103,7 +104,7 @@ def main():
         print(json.dumps(timing, indent=2))
         return
     given = {"steps": args.distill_steps, "balance": args.distill_balance, "images": args.distill_images,
-             "guided_targets": args.distill_guided or None}
+             "guided_targets": args.distill_guided or None, "seed": args.distill_seed}
     distill_cfg = DistillConfig(**{k: v for k, v in given.items() if v is not None})
     world = load_world(args)
     (args.out / "loras").mkdir(exist_ok=True)
