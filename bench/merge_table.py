@@ -91,6 +91,8 @@ def main():
     p.add_argument("--distill-images", type=int, default=None, help="x_0 per LoRA (default: DistillConfig's)")
     p.add_argument("--distill-guided", action="store_true", help="distill with guided_targets (DistillConfig)")
     p.add_argument("--distill-seed", type=int, default=None, help="distill seed (default: DistillConfig's, 0)")
+    p.add_argument("--distill-noisings", type=int, default=None,
+                   help="training rows per sampled image (default: DistillConfig's)")
     add_world_args(p)
     args = p.parse_args()
     start_run(args)
@@ -104,7 +106,8 @@ def main():
         print(json.dumps(timing, indent=2))
         return
     given = {"steps": args.distill_steps, "balance": args.distill_balance, "images": args.distill_images,
-             "guided_targets": args.distill_guided or None, "seed": args.distill_seed}
+             "guided_targets": args.distill_guided or None, "seed": args.distill_seed,
+             "noisings": args.distill_noisings}
     distill_cfg = DistillConfig(**{k: v for k, v in given.items() if v is not None})
     world = load_world(args)
     (args.out / "loras").mkdir(exist_ok=True)
@@ -242,7 +245,9 @@ def write_markdown(report: dict, out: Path) -> None:
         elif mode == "distill":
             dc = report.get("distill_config") or {}
             guided = ", guided targets" if dc.get("guided_targets") else ""
-            how = f"{dc['steps']} steps, {dc['balance']} balance{guided}; " if dc else ""
+            n = dc.get("noisings", 1)
+            noisings = f", {n} noising{'s' if n != 1 else ''} per image"
+            how = f"{dc['steps']} steps{noisings}, {dc['balance']} balance{guided}; " if dc else ""
             label = f"distill ({how}from closed_form λ = {r['preserve_weight']:g})"
         md.append(f"| {label} | {100 * r['mean_efficacy_share']:.0f}% | {r['concepts_at_90']} / {n_erased} "
                   f"| {worst} {100 * r['efficacy_share'][worst]:.0f}% | {r['acc_ir_of_base']:.0f}% "

@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--distill-images", type=_positive_int, default=None,
                     help="distill: images sampled per LoRA (half base, half LoRA; 4× for the preserved concepts; "
                          "default 64)")
+    mg.add_argument("--distill-noisings", type=_positive_int, default=None,
+                    help="distill: training rows per sampled image, each noised at its own time (default: "
+                         "DistillConfig's, 4)")
     mg.add_argument("--distill-balance", choices=("uniform", "relative", "adaptive"), default=None,
                     help="distill: how the LoRAs share the teacher term: relative (default; each LoRA's error over how "
                          "far it moves the base), uniform (every row alike) or adaptive (relative, lagging LoRAs "

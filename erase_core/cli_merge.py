@@ -96,7 +96,7 @@ def run(args) -> int:
     names = [p.stem for p in args.loras]
     given = {"steps": args.distill_steps, "batch": args.distill_batch, "images": args.distill_images,
              "preserve_images": 4 * args.distill_images if args.distill_images else None,
-             "balance": args.distill_balance, "guided_targets": args.distill_guided}
+             "balance": args.distill_balance, "guided_targets": args.distill_guided, "noisings": args.distill_noisings}
     dcfg = DistillConfig(**{k: v for k, v in given.items() if v is not None})
     concept_inputs = preserve_inputs = None
     if cfg.mode in ("closed_form", "distill"):

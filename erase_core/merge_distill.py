@@ -8,7 +8,9 @@ prompts P_0 (with the empty prompt, classifier-free guidance's other branch):
 
 where v_θ is the base plus the merged LoRA θ (initialised with the closed-form merge, so training starts from the
 best module-wise answer), x_t = (1 − t) x_0 + t ε, and x_0 is drawn half from the base model and half from teacher i
-on P_i (the merged model must follow teacher i's trajectory, which leaves the concept) and from the base on P_0. The
+on P_i (the merged model must follow teacher i's trajectory, which leaves the concept) and from the base on P_0; each
+x_0 is noised at ``noisings`` independent (t, ε), so the fixed rows cover more of the trajectory per image sampled
+(a row costs one model pass, an image a whole sampler run). The
 teachers' velocities are computed once, without gradients, by forward hooks on the one base model
 (:mod:`erase_core.flux.deltas`): n LoRAs cost n short passes, then each step is one forward and backward of the
 student, whatever n is.
@@ -50,13 +52,15 @@ class DistillConfig:
 
     # sandbox (bench/results/merge_16k, 20 LoRAs): 1500 cosine-decayed steps, 64 images per LoRA, λ = 0.5 and the
     # relative balance kept 19 / 20 concepts at ≥ 90 % of their erasure (uniform: 17 / 20; 600 constant steps,
-    # 32 images and λ = 1: 15 / 20)
+    # 32 images and λ = 1: 15 / 20). On the default world (bench/results/merge_22k_s200_64/distill_variants.md)
+    # 4 noisings per image kept 19 / 20 over two seeds where 1 kept 18 / 20, at the same step count.
     steps: int = 1500
     lr: float = 1e-3
     lr_schedule: str = "cosine"  # "cosine": lr·½(1 + cos(π·step/steps)); "constant"
     batch: int = 16  # rows per step from the LoRAs' prompts, and as many from the preserved prompts
     preserve_weight: float = 0.5  # λ
     images: int = 64  # x_0 per LoRA: half from the base model, half from the LoRA's model
+    noisings: int = 4  # training rows per x_0: each image noised at this many (t, ε) pairs
     preserve_images: int = 256  # x_0 of the preserved prompts, from the base model
     t_range: tuple[float, float] = (0.05, 1.0)
     sample_steps: int | None = None  # sampler steps for the x_0 (None: the world's default)
@@ -70,7 +74,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch", "images", "preserve_images"):
+        for name in ("steps", "batch", "images", "preserve_images", "noisings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"distill {name} = {getattr(self, name)} must be ≥ 1")
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -170,10 +174,17 @@ def distill_pools(world, loras: list[LoraFile], prompts: list[list[str]], preser
         x_base = _sample(world, rows, cfg.seed + 1000 * i, cfg)
         with added_deltas(backend, factors):
             x_lora = _sample(world, rows, cfg.seed + 1000 * i + 500, cfg)
-        teach.append(_pool(world, backend, rows + rows, torch.cat([x_base, x_lora]), factors, gen, cfg, owner=i))
+        x0 = _repeated(torch.cat([x_base, x_lora]), cfg.noisings)
+        teach.append(_pool(world, backend, (rows + rows) * cfg.noisings, x0, factors, gen, cfg, owner=i))
     rows = _cycle(preserve_prompts, cfg.preserve_images)
-    kept = _pool(world, backend, rows, _sample(world, rows, cfg.seed + 999_000, cfg), {}, gen, cfg)
+    x0 = _repeated(_sample(world, rows, cfg.seed + 999_000, cfg), cfg.noisings)
+    kept = _pool(world, backend, rows * cfg.noisings, x0, {}, gen, cfg)
     return _concat(teach), kept
+
+
+def _repeated(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x`` stacked ``k`` times along the batch (row j of copy c is row j of ``x``)."""
+    return x.repeat(k, *([1] * (x.dim() - 1)))
 
 
 def _concat(pools: list[_Pool]) -> _Pool:

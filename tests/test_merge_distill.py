@@ -13,7 +13,7 @@ from erase_core.lora_file import LoraFile, LoraModule, read_lora_file, write_lor
 from erase_core.merge import MergeConfig, merge
 from erase_core.merge_distill import DistillConfig, distill
 
-TINY = DistillConfig(steps=4, batch=2, images=2, preserve_images=2, sample_steps=2)
+TINY = DistillConfig(steps=4, batch=2, images=2, preserve_images=2, sample_steps=2, noisings=1)
 
 
 def _random_lora(world, seed: int, scale: float = 0.05, rank: int = 2) -> LoraFile:
@@ -118,6 +118,27 @@ def test_guided_targets_give_the_teachers_guided_velocity_with_the_bases_uncond(
     assert (u_i - u_0).abs().max() > 1e-2  # the LoRA moves the unconditional branch
     diff = ((1 - g) * u_0 + g * teach.target) - ((1 - g) * u_i + g * plain.target)
     assert diff.abs().max() < 1e-4
+
+
+def test_noisings_noise_each_image_at_several_times(world):
+    """k noisings: k rows per sampled image (same prompts, fresh times), each with its teacher's velocity."""
+    from erase_core.merge_distill import _repeated, distill_pools
+
+    x = torch.arange(6.0).view(3, 2)
+    assert torch.equal(_repeated(x, 2), torch.cat([x, x]))
+    lf, k = _random_lora(world, 0, scale=0.2), 3
+    prompts = [["a red shape", "a red moon"]]
+    teach, kept = distill_pools(world, [lf], prompts, [""], dataclasses.replace(TINY, noisings=k))
+    one, one_kept = distill_pools(world, [lf], prompts, [""], TINY)
+    n = len(one.x_t)
+    assert len(teach.x_t) == k * n and len(kept.x_t) == k * len(one_kept.x_t)
+    rows, times = teach.prompt.view(k, n), teach.t.view(k, n)
+    assert all(torch.equal(rows[0], rows[c]) and not torch.allclose(times[0], times[c]) for c in range(1, k))
+    with torch.no_grad(), added_deltas(world.backend(), folded_factors(lf)):
+        v = world.backend().velocity(teach.x_t, teach.t, teach.text.select(teach.prompt))
+    assert torch.allclose(v, teach.target, atol=1e-4)  # batched in twos there, all six here
+    with pytest.raises(ValueError, match="noisings"):
+        DistillConfig(noisings=0)
 
 
 def test_bad_distill_input_is_named(world):

@@ -199,9 +199,10 @@ def test_workflow_round_trip(report):
     rt = report["roundtrip"]
     # Our panels are not serialised: the saved values are exactly the nodes' own widgets (after the name: the
     # closed_form mode's optional preserve, preserve_weight, width, height, then distill's steps, batch, images, cfg,
-    # at their defaults).
+    # noisings, at their defaults).
     assert rt["saved"]["EraseFlux_MergeLoras"] == ["a.safetensors", 1, "b.safetensors", 3, "none", 5, "none", 1,
-                                                   "normalized", 0, "merged_erase", "", 1000, 32, 32, 1500, 16, 64, 1]
+                                                   "normalized", 0, "merged_erase", "", 1000, 32, 32, 1500, 16, 64, 1,
+                                                   4]
     assert rt["saved"]["EraseFlux_AttentionInspect"][:2] == ["a red circle, on a blue square (photo)", "blue square"]
     assert rt["panels"] == [1, 1] and rt["word"] == "blue square"
     assert [c["text"] for c in rt["chips"] if c["selected"]] == ["blue", "square"]
