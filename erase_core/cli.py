@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "default 64)")
     mg.add_argument("--distill-noisings", type=_positive_int, default=None,
                     help="distill: training rows per sampled image, each noised at its own time (default: "
-                         "DistillConfig's, 4)")
+                         "DistillConfig's, 8)")
     mg.add_argument("--distill-balance", choices=("uniform", "relative", "adaptive"), default=None,
                     help="distill: how the LoRAs share the teacher term: relative (default; each LoRA's error over how "
                          "far it moves the base), uniform (every row alike) or adaptive (relative, lagging LoRAs "

@@ -53,14 +53,15 @@ class DistillConfig:
     # sandbox (bench/results/merge_16k, 20 LoRAs): 1500 cosine-decayed steps, 64 images per LoRA, λ = 0.5 and the
     # relative balance kept 19 / 20 concepts at ≥ 90 % of their erasure (uniform: 17 / 20; 600 constant steps,
     # 32 images and λ = 1: 15 / 20). On the default world (bench/results/merge_22k_s200_64/distill_variants.md)
-    # 4 noisings per image kept 19 / 20 over two seeds where 1 kept 18 / 20, at the same step count.
+    # 8 noisings per image kept 20 / 20 over three distill seeds, 4 kept 19 / 20 and 1 kept 18 / 20 over two, at the
+    # same step count.
     steps: int = 1500
     lr: float = 1e-3
     lr_schedule: str = "cosine"  # "cosine": lr·½(1 + cos(π·step/steps)); "constant"
     batch: int = 16  # rows per step from the LoRAs' prompts, and as many from the preserved prompts
     preserve_weight: float = 0.5  # λ
     images: int = 64  # x_0 per LoRA: half from the base model, half from the LoRA's model
-    noisings: int = 4  # training rows per x_0: each image noised at this many (t, ε) pairs
+    noisings: int = 8  # training rows per x_0: each image noised at this many (t, ε) pairs
     preserve_images: int = 256  # x_0 of the preserved prompts, from the base model
     t_range: tuple[float, float] = (0.05, 1.0)
     sample_steps: int | None = None  # sampler steps for the x_0 (None: the world's default)

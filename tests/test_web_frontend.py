@@ -202,7 +202,7 @@ def test_workflow_round_trip(report):
     # noisings, at their defaults).
     assert rt["saved"]["EraseFlux_MergeLoras"] == ["a.safetensors", 1, "b.safetensors", 3, "none", 5, "none", 1,
                                                    "normalized", 0, "merged_erase", "", 1000, 32, 32, 1500, 16, 64, 1,
-                                                   4]
+                                                   8]
     assert rt["saved"]["EraseFlux_AttentionInspect"][:2] == ["a red circle, on a blue square (photo)", "blue square"]
     assert rt["panels"] == [1, 1] and rt["word"] == "blue square"
     assert [c["text"] for c in rt["chips"] if c["selected"]] == ["blue", "square"]
