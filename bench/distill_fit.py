@@ -33,14 +33,16 @@ RESULTS = Path(__file__).resolve().parent / "results" / "merge_22k_s200_64"
 log = logging.getLogger("bench")
 
 
-def relative_errors(backend, merged, pool, n: int, batch: int):
-    """Per LoRA E‖v_θ − target‖² / E‖target − v_0‖² (n > 0), or the plain mean squared error (n = 0)."""
+def row_errors(backend, merged, pool, batch: int) -> torch.Tensor:
+    """‖v_θ − target‖² per row of ``pool``, v_θ the base plus ``merged``."""
     with added_deltas(backend, folded_factors(merged)):
         v = md._velocities(backend, pool.x_t, pool.t, pool.text, pool.prompt, batch)
-    err = ((v - pool.target) ** 2).flatten(1).mean(1)
-    if not n:
-        return err.mean().item()
-    gap = md.teacher_gaps(backend, pool, n, batch)
+    return ((v - pool.target) ** 2).flatten(1).mean(1)
+
+
+def relative_errors(backend, merged, pool, batch: int) -> dict[str, float]:
+    """Per LoRA E‖v_θ − v_i‖² / E‖v_i − v_0‖² over its rows of ``pool``."""
+    err, gap = row_errors(backend, merged, pool, batch), md.teacher_gaps(backend, pool, len(ORDER), batch)
     return {c: (err[pool.owner == i].mean() / gap[i]).item() for i, c in enumerate(ORDER)}
 
 
@@ -70,18 +72,20 @@ def main():
 
     md.distill_pools = kept_pools
     t = time.time()
-    merged, history = md.distill_merge(world, files, MergeConfig(mode="distill"), prompts, keep, ci, pi, cfg,
-                                       names=list(ORDER))
-    md.distill_pools = build
+    try:
+        merged, history = md.distill_merge(world, files, MergeConfig(mode="distill"), prompts, keep, ci, pi, cfg,
+                                           names=list(ORDER))
+    finally:
+        md.distill_pools = build
     log.info("distill %.0f s", time.time() - t)
     write_lora_file(merged, a.out / "merged.safetensors", overwrite=True)
     held = build(world, files, prompts, keep, replace(cfg, seed=77, noisings=1))
     backend = world.backend()
     res = {"cfg": cfg.to_dict(), "last": history[-1],
-           "train_rel": relative_errors(backend, merged, pools["train"][0], len(files), cfg.batch),
-           "held_rel": relative_errors(backend, merged, held[0], len(files), cfg.batch),
-           "train_keep": relative_errors(backend, merged, pools["train"][1], 0, cfg.batch),
-           "held_keep": relative_errors(backend, merged, held[1], 0, cfg.batch)}
+           "train_rel": relative_errors(backend, merged, pools["train"][0], cfg.batch),
+           "held_rel": relative_errors(backend, merged, held[0], cfg.batch),
+           "train_keep": row_errors(backend, merged, pools["train"][1], cfg.batch).mean().item(),
+           "held_keep": row_errors(backend, merged, held[1], cfg.batch).mean().item()}
     table = json.loads(a.table.read_text())
     model = with_lora(world, merged)
     res["rates"] = {c: rate(world, c, a.samples, model) for c in list(ORDER) + list(KEEP)}
